@@ -1,0 +1,50 @@
+"""fetchpool: download many files (first of all images) concurrently, correctly and fast.
+
+>>> from fetchpool import download_all
+>>> results = download_all(urls, "images", workers=16)  # doctest: +SKIP
+>>> print(results.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import logging
+
+from .api import download_all
+from .downloader import Downloader
+from .errors import (
+    FetchError,
+    HTTPStatusError,
+    InvalidURL,
+    NotAnImageError,
+    RedirectError,
+    StorageError,
+    TooLargeError,
+    TransferError,
+    UnsafeFilenameError,
+)
+from .results import DownloadResult, ProgressEvent, Results, Summary
+from .retry import RetryPolicy
+
+logging.getLogger("fetchpool").addHandler(logging.NullHandler())
+
+__all__ = [
+    "DownloadResult",
+    "Downloader",
+    "FetchError",
+    "HTTPStatusError",
+    "InvalidURL",
+    "NotAnImageError",
+    "ProgressEvent",
+    "RedirectError",
+    "Results",
+    "RetryPolicy",
+    "StorageError",
+    "Summary",
+    "TooLargeError",
+    "TransferError",
+    "UnsafeFilenameError",
+    "__version__",
+    "download_all",
+]

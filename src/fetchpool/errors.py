@@ -1,0 +1,124 @@
+"""The exception hierarchy: every failure on a result is one of these.
+
+All errors subclass :class:`FetchError`, carry the (redacted) ``url`` they are about,
+chain their cause with ``raise ... from``, and pickle. Because ``__cause__`` does not
+survive pickling, the message also holds the cause's text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "FetchError",
+    "HTTPStatusError",
+    "InvalidURL",
+    "NotAnImageError",
+    "RedirectError",
+    "StorageError",
+    "TooLargeError",
+    "TransferError",
+    "UnsafeFilenameError",
+]
+
+
+class FetchError(Exception):
+    """Base class of every fetchpool error.
+
+    Attributes:
+        url: the URL the error is about, with user-info removed.
+    """
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.url = url
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+    def _extra(self) -> tuple[Any, ...]:
+        return ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Explicit so that subclasses with extra constructor arguments (and the
+        # OSError mix-in, whose own reduce would reinterpret args) round-trip.
+        return (type(self), (self.message, self.url, *self._extra()))
+
+
+class InvalidURL(FetchError, ValueError):
+    """The input is not an http(s) URL, or not a string."""
+
+
+class HTTPStatusError(FetchError):
+    """The server answered with a status other than 2xx (after redirects).
+
+    Attributes:
+        status_code: the HTTP status code.
+        retry_after: seconds the server asked to wait (``Retry-After``), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        url: str = "",
+        status_code: int = 0,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, url)
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+    def _extra(self) -> tuple[Any, ...]:
+        return (self.status_code, self.retry_after)
+
+
+class TransferError(FetchError):
+    """The transfer broke: connection reset or refused, timeout, truncated or malformed body.
+
+    Attributes:
+        retryable: whether another attempt can help (``False`` for malformed framing or
+            a cancelled download).
+    """
+
+    def __init__(self, message: str, url: str = "", retryable: bool = True) -> None:
+        super().__init__(message, url)
+        self.retryable = retryable
+
+    def _extra(self) -> tuple[Any, ...]:
+        return (self.retryable,)
+
+
+class TooLargeError(FetchError):
+    """The body is (or announced itself as) larger than ``max_bytes``."""
+
+
+class NotAnImageError(FetchError, ValueError):
+    """``verify="image"`` is set and the body does not start like an image."""
+
+
+class UnsafeFilenameError(FetchError, ValueError):
+    """A filename escapes ``dest``, is reserved, or is already used by another URL."""
+
+
+class RedirectError(FetchError):
+    """A redirect loop, too many hops, a non-http(s) target, or a refused https→http hop."""
+
+
+class StorageError(FetchError, OSError):
+    """The local side failed: disk full, permission denied, a file in the way. Never retried.
+
+    Attributes:
+        errno: the errno of the underlying ``OSError`` (``errno.ENOSPC`` for a full disk),
+            or ``None``.
+    """
+
+    def __init__(self, message: str, url: str = "", errno: int | None = None) -> None:
+        super().__init__(message, url)
+        self.errno = errno
+
+    def _extra(self) -> tuple[Any, ...]:
+        return (self.errno,)

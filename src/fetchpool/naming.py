@@ -1,0 +1,205 @@
+"""Local file names: safe, deterministic and collision-free (DESIGN rule 3).
+
+Names come from the caller's URL (never from a redirect's ``Location``); a
+``Content-Disposition`` name is used only when the caller opts in. Every name is
+percent-decoded and sanitised here; the decision which URL owns a name is the
+:class:`~fetchpool.downloader.Downloader`'s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from email.message import Message
+from pathlib import PurePosixPath
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from .errors import InvalidURL, UnsafeFilenameError
+
+__all__ = [
+    "RESERVED_PREFIX",
+    "check_relative_filename",
+    "derived_name",
+    "name_from_content_disposition",
+    "name_from_url",
+    "origin_url",
+    "redact_url",
+    "sanitize",
+    "validate_url",
+]
+
+#: Temporary and lock files start with this; no name handed out may.
+RESERVED_PREFIX = ".fetchpool-"
+
+# Leaves room for the "-<hash>" of a derived name inside the usual 255-byte limit.
+_MAX_NAME_BYTES = 200
+_MAX_EXT_CHARS = 16
+_HASH_CHARS = 10
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_WINDOWS_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL"}
+    | {f"COM{i}" for i in range(1, 10)}
+    | {f"LPT{i}" for i in range(1, 10)}
+)
+
+
+def validate_url(url: object) -> str:
+    """Check that ``url`` is an absolute http(s) URL and return it unchanged.
+
+    Raises:
+        InvalidURL: not a string, not http/https, no host, a bad port, or control
+            characters or whitespace inside it.
+    """
+    if not isinstance(url, str):
+        raise InvalidURL(f"not a URL string: {type(url).__name__}", url=repr(url)[:200])
+    shown = redact_url(url)
+    if _CONTROL.search(url) or any(ch.isspace() for ch in url):
+        raise InvalidURL(f"URL contains whitespace or control characters: {shown!r}", url=shown)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidURL(f"malformed URL {shown!r}: {exc}", url=shown) from exc
+    if parts.scheme.lower() not in ("http", "https"):
+        raise InvalidURL(f"not an http(s) URL: {shown!r}", url=shown)
+    if not parts.hostname:
+        raise InvalidURL(f"URL has no host: {shown!r}", url=shown)
+    if port == 0:
+        raise InvalidURL(f"URL has port 0: {shown!r}", url=shown)
+    return url
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without user-info (``user:pass@``), for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/@]*@", "//", url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def origin_url(url: str) -> str:
+    """Return the URL recorded as a file's origin: user-info and fragment removed."""
+    parts = urlsplit(redact_url(url))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+
+
+def url_hash(url: str) -> str:
+    """Return a short stable hash of ``url`` (hex), used to derive unique names."""
+    return hashlib.sha256(origin_url(url).encode("utf-8", "surrogatepass")).hexdigest()[
+        :_HASH_CHARS
+    ]
+
+
+def sanitize(name: str) -> str:
+    """Make one path component safe to create; return ``""`` if nothing usable is left.
+
+    Separators (``/``, ``\\``) become ``_``; control characters are dropped; leading
+    dots and surrounding spaces are stripped and runs of dots collapse (so no ``..``,
+    no hidden or reserved names); the result is bounded to 200 UTF-8 bytes, keeping the extension.
+    """
+    name = unicodedata.normalize("NFC", name)
+    name = name.replace("/", "_").replace("\\", "_")
+    name = _CONTROL.sub("", name)
+    name = re.sub(r"\.{2,}", ".", name)
+    name = name.strip().lstrip(".").rstrip(". ")
+    if not name:
+        return ""
+    if name.split(".")[0].upper() in _WINDOWS_RESERVED:
+        name = "_" + name
+    return _bound(name, _MAX_NAME_BYTES)
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem and 0 < len(ext) <= _MAX_EXT_CHARS and "." not in ext:
+        return stem, "." + ext
+    return name, ""
+
+
+def _bound(name: str, limit: int) -> str:
+    if len(name.encode("utf-8", "surrogatepass")) <= limit:
+        return name
+    stem, ext = _split_ext(name)
+    room = limit - len(ext.encode("utf-8", "surrogatepass"))
+    raw = stem.encode("utf-8", "surrogatepass")[:room]
+    # Cutting bytes may split a character: drop the broken tail.
+    return raw.decode("utf-8", "ignore").rstrip(". ") + ext
+
+
+def name_from_url(url: str) -> str:
+    """Return the local name for ``url``: its last path segment, decoded and sanitised.
+
+    A URL with no usable last segment (``http://host/``, ``/%2e%2e/``) gets the stable
+    derived name ``download-<hash>``.
+    """
+    path = urlsplit(url).path
+    segment = path.rsplit("/", 1)[-1]
+    name = sanitize(unquote(segment, errors="replace"))
+    return name or f"download-{url_hash(url)}"
+
+
+def derived_name(name: str, url: str) -> str:
+    """Return ``name`` made unique to ``url``: ``<stem>-<hash of url><ext>``."""
+    stem, ext = _split_ext(name)
+    return f"{stem}-{url_hash(url)}{ext}"
+
+
+def name_from_content_disposition(header: str | None) -> str | None:
+    """Return the sanitised filename of a ``Content-Disposition`` header, if it has one."""
+    if not header:
+        return None
+    msg = Message()
+    msg["content-disposition"] = header
+    try:
+        raw = msg.get_filename()
+    except (ValueError, LookupError):
+        return None
+    if not raw:
+        return None
+    # A server may send a path; only its last component can name the file.
+    raw = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    return sanitize(raw) or None
+
+
+def check_relative_filename(filename: str | os.PathLike[str], url: str = "") -> PurePosixPath:
+    """Validate a caller-given filename and return it as a normalised relative path.
+
+    The caller owns the name, so it is not rewritten, only refused when unsafe.
+
+    Raises:
+        UnsafeFilenameError: empty, absolute, contains ``..``, a backslash, a control
+            character, a component over 255 bytes, or a reserved ``.fetchpool-`` name.
+        TypeError: ``filename`` is not a ``str`` or ``os.PathLike[str]``.
+    """
+    raw = os.fspath(filename)
+    if not isinstance(raw, str):
+        raise TypeError(f"filename must be str or os.PathLike[str], not {type(raw).__name__}")
+    shown = redact_url(url)
+
+    def unsafe(why: str) -> UnsafeFilenameError:
+        return UnsafeFilenameError(f"unsafe filename {raw!r} for {shown}: {why}", url=shown)
+
+    if not raw or raw.endswith("/"):
+        raise unsafe("no file name")
+    if _CONTROL.search(raw):
+        raise unsafe("control character")
+    if "\\" in raw:
+        raise unsafe("backslash")
+    if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw):
+        raise unsafe("absolute path")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if not parts:
+        raise unsafe("no file name")
+    if ".." in parts:
+        raise unsafe("'..' escapes the destination")
+    if any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts):
+        raise unsafe("a path component is longer than 255 bytes")
+    if any(p.startswith(RESERVED_PREFIX) for p in parts):
+        raise unsafe(f"names starting with {RESERVED_PREFIX!r} are reserved")
+    return PurePosixPath(*parts)

@@ -1,0 +1,138 @@
+"""The keyword options shared by ``download_all`` and ``Downloader``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal, TypedDict
+
+import requests
+
+from .results import ProgressEvent
+from .retry import RetryPolicy
+
+__all__ = ["DEFAULT_MAX_BYTES", "DownloadOptions", "Options", "make_options"]
+
+#: The default ``max_bytes``: 2 GiB.
+DEFAULT_MAX_BYTES = 2 * 1024**3
+
+Overwrite = Literal["skip", "replace", "error"]
+Verify = Literal["image"]
+ProgressCallback = Callable[[ProgressEvent], object]
+SessionFactory = Callable[[], requests.Session]
+Timeout = float | tuple[float, float]
+
+
+class DownloadOptions(TypedDict, total=False):
+    """The options of :func:`~fetchpool.download_all`, for type checkers."""
+
+    retry: RetryPolicy | int
+    timeout: Timeout
+    deadline: float
+    max_bytes: int | None
+    overwrite: Overwrite
+    content_disposition: bool
+    allow_downgrade: bool
+    fsync: bool
+    verify: Verify | None
+    headers: Mapping[str, str] | None
+    session_factory: SessionFactory | None
+    progress: bool | ProgressCallback | None
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated options (internal)."""
+
+    retry: RetryPolicy
+    timeout: tuple[float, float]
+    deadline: float
+    max_bytes: int | None
+    overwrite: Overwrite
+    content_disposition: bool
+    allow_downgrade: bool
+    fsync: bool
+    verify: Verify | None
+    headers: Mapping[str, str]
+    session_factory: SessionFactory | None
+    progress: bool | ProgressCallback | None
+
+
+def _positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def make_options(
+    *,
+    retry: RetryPolicy | int,
+    timeout: Timeout,
+    deadline: float,
+    max_bytes: int | None,
+    overwrite: Overwrite,
+    content_disposition: bool,
+    allow_downgrade: bool,
+    fsync: bool,
+    verify: Verify | None,
+    headers: Mapping[str, str] | None,
+    session_factory: SessionFactory | None,
+    progress: bool | ProgressCallback | None,
+) -> Options:
+    """Validate the options.
+
+    Raises:
+        TypeError: an option of the wrong type.
+        ValueError: an option with a value outside its range.
+    """
+    if isinstance(timeout, tuple):
+        if len(timeout) != 2:
+            raise ValueError(f"timeout must be (connect, read), not {timeout!r}")
+        pair = (_positive("timeout[0]", timeout[0]), _positive("timeout[1]", timeout[1]))
+    else:
+        one = _positive("timeout", timeout)
+        pair = (one, one)
+    if max_bytes is not None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+            raise TypeError(f"max_bytes must be an int or None, not {type(max_bytes).__name__}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+    if overwrite not in ("skip", "replace", "error"):
+        raise ValueError(f"overwrite must be 'skip', 'replace' or 'error', not {overwrite!r}")
+    if verify not in ("image", None):
+        raise ValueError(f"verify must be 'image' or None, not {verify!r}")
+    clean_headers: dict[str, str] = {}
+    for key, value in (headers or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("headers must map str to str")
+        if any(c in key + value for c in "\r\n\0"):
+            raise ValueError(f"header {key!r} contains a line break or NUL")
+        clean_headers[key] = value
+    if session_factory is not None and not callable(session_factory):
+        raise TypeError("session_factory must be a callable returning a requests.Session")
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError("progress must be True, False, None or a callable")
+    return Options(
+        retry=RetryPolicy.coerce(retry),
+        timeout=pair,
+        deadline=_positive("deadline", deadline),
+        max_bytes=max_bytes,
+        overwrite=overwrite,
+        content_disposition=_flag("content_disposition", content_disposition),
+        allow_downgrade=_flag("allow_downgrade", allow_downgrade),
+        fsync=_flag("fsync", fsync),
+        verify=verify,
+        headers=MappingProxyType(clean_headers),
+        session_factory=session_factory,
+        progress=progress,
+    )

@@ -1,0 +1,224 @@
+"""Retry policy: plain numbers in :class:`RetryPolicy`, executed by tenacity.
+
+Only failures that can heal are retried (DESIGN rule 4): connection errors,
+timeouts, truncated bodies and the statuses in :data:`RETRY_STATUSES`. A
+``Retry-After`` is honoured up to the policy's cap; one beyond it ends the retries
+at once. The whole download, attempts and waits together, stays within ``budget``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+import tenacity
+
+from .errors import HTTPStatusError, TransferError
+
+__all__ = ["RETRY_STATUSES", "RetryPolicy", "is_retryable", "parse_retry_after"]
+
+T = TypeVar("T")
+
+#: HTTP statuses that can heal on their own.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry one download.
+
+    All values are seconds except ``attempts``. The wait before attempt ``n + 1`` is
+    ``min(wait_max, wait_initial * 2 ** (n - 1))`` plus a random ``0..jitter``, or the
+    server's ``Retry-After`` when it sends one.
+
+    Args:
+        attempts: total attempts, the first included (1 disables retries).
+        wait_initial: the first backoff wait.
+        wait_max: the longest backoff wait.
+        jitter: the largest random extra added to a backoff wait.
+        retry_after_cap: the longest ``Retry-After`` honoured; a longer one ends the
+            retries with the ``HTTPStatusError``.
+        budget: the total time for all attempts and waits of one download.
+
+    Raises:
+        ValueError: a negative or non-finite number, or ``attempts < 1``.
+    """
+
+    attempts: int = 4
+    wait_initial: float = 0.5
+    wait_max: float = 30.0
+    jitter: float = 1.0
+    retry_after_cap: float = 60.0
+    budget: float = 300.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise TypeError(f"attempts must be an int, not {type(self.attempts).__name__}")
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, not {self.attempts}")
+        for name in ("wait_initial", "wait_max", "jitter", "retry_after_cap", "budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Return the backoff wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(float(self.wait_max), self.wait_initial * 2.0 ** min(attempt - 1, 62))
+        extra = (rng or random).uniform(0, self.jitter) if self.jitter else 0.0
+        return base + extra
+
+    @classmethod
+    def coerce(cls, value: RetryPolicy | int) -> RetryPolicy:
+        """Return ``value`` as a policy: an ``int`` n means ``RetryPolicy(attempts=n)``.
+
+        Raises:
+            TypeError: neither a ``RetryPolicy`` nor an ``int``.
+        """
+        if isinstance(value, RetryPolicy):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(attempts=value)
+        raise TypeError(f"retry must be a RetryPolicy or an int, not {type(value).__name__}")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Return whether another attempt can cure ``exc`` (DESIGN rule 4)."""
+    if isinstance(exc, TransferError):
+        return exc.retryable
+    if isinstance(exc, HTTPStatusError):
+        return exc.status_code in RETRY_STATUSES
+    return False
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Parse a ``Retry-After`` header (delay-seconds or HTTP-date) into seconds from now.
+
+    Args:
+        value: the header value, or ``None``.
+        now: the current time as a POSIX timestamp (for tests); defaults to ``time.time()``.
+
+    Returns:
+        The delay in seconds (``0.0`` for a date in the past), or ``None`` when the
+        header is absent or unparsable.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+class _Clock:
+    """Where retries read the time and sleep; :func:`fetchpool.testing.instant_retries` swaps it."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.record: list[float] | None = None
+        self.lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def sleep(self, seconds: float, cancel: threading.Event) -> None:
+        record = self.record
+        if record is None:
+            cancel.wait(seconds)
+            return
+        with self.lock:
+            record.append(seconds)
+            self.offset += seconds
+
+
+CLOCK = _Clock()
+
+
+@contextmanager
+def instant_retries() -> Iterator[list[float]]:
+    """Make retry waits instant for the duration of the block (for tests).
+
+    Waits are not slept but recorded, and the clock that the retry budget reads jumps
+    ahead by each wait, so budget and ``Retry-After`` logic behave as in real time.
+
+    Yields:
+        The list of waits, in seconds, that would have been slept.
+    """
+    waits: list[float] = []
+    previous = CLOCK.record
+    CLOCK.record = waits
+    try:
+        yield waits
+    finally:
+        CLOCK.record = previous
+
+
+def call_with_retries(
+    policy: RetryPolicy,
+    attempt: Callable[[int, float], T],
+    *,
+    cancel: threading.Event,
+    before_retry: Callable[[BaseException, int, float], None] | None = None,
+) -> T:
+    """Run ``attempt(number, time_left)`` until it succeeds or retrying must stop.
+
+    ``time_left`` is what remains of the policy's budget; the attempt should not run
+    longer. The last error is re-raised when retries stop.
+    """
+    start = CLOCK.monotonic()
+
+    def elapsed() -> float:
+        return CLOCK.monotonic() - start
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return float(retry_after)
+        return policy.backoff(state.attempt_number)
+
+    def stop(state: tenacity.RetryCallState) -> bool:
+        if cancel.is_set() or state.attempt_number >= policy.attempts:
+            return True
+        return elapsed() + state.upcoming_sleep >= policy.budget
+
+    def retry(state: tenacity.RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is None or not is_retryable(exc):
+            return False
+        retry_after = getattr(exc, "retry_after", None)
+        return retry_after is None or retry_after <= policy.retry_after_cap
+
+    def notify(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if before_retry is not None and exc is not None:
+            before_retry(exc, state.attempt_number, state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(
+        sleep=lambda seconds: CLOCK.sleep(seconds, cancel),
+        stop=stop,
+        wait=wait,
+        retry=retry,
+        before_sleep=notify,
+        reraise=True,
+    )
+    for try_ in retrying:
+        with try_:
+            number = try_.retry_state.attempt_number
+            return attempt(number, policy.budget - elapsed())
+    raise AssertionError("unreachable")  # pragma: no cover

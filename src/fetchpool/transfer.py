@@ -1,0 +1,386 @@
+"""One HTTP attempt: redirects, status, framing, limits and the streamed body.
+
+Redirects are followed here, by hand, because ``requests`` reads the body of every
+3xx response into memory (DESIGN rule 6), even with ``allow_redirects=False`` when it
+fills ``Response.next``. Bodies are read undecoded from urllib3 and decoded here so
+that ``max_bytes`` counts decoded bytes and a compressed bomb stops at the limit.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from . import __version__
+from .deadline import Guard, guard_pool_manager
+from .errors import (
+    FetchError,
+    HTTPStatusError,
+    InvalidURL,
+    RedirectError,
+    TooLargeError,
+    TransferError,
+)
+from .naming import redact_url
+from .retry import parse_retry_after
+
+__all__ = ["CHUNK_SIZE", "MAX_REDIRECTS", "Body", "open_response", "prepare_session"]
+
+log = logging.getLogger("fetchpool")
+
+#: Bytes asked of the socket per read.
+CHUNK_SIZE = 256 * 1024
+MAX_REDIRECTS = 10
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CROSS_ORIGIN_DROP = ("Authorization", "Cookie", "Proxy-Authorization")
+_NETWORK_ERRORS = (
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+    ValueError,
+)
+
+
+class _GuardedAdapter(HTTPAdapter):
+    """An adapter whose pools hand sockets to the attempt's deadline guard."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        guard_pool_manager(self.poolmanager)
+
+
+def _no_redirects(*args: object, **kwargs: object) -> Iterator[Any]:
+    return iter(())
+
+
+def prepare_session(session: requests.Session) -> requests.Session:
+    """Make ``session`` safe to use for fetchpool's attempts and return it.
+
+    Disarms ``requests``' own redirect machinery on this instance (it would read 3xx
+    bodies) and guards the default connection pools of its adapters.
+    """
+    session.resolve_redirects = _no_redirects  # type: ignore[method-assign]
+    for adapter in session.adapters.values():
+        if isinstance(adapter, HTTPAdapter):
+            guard_pool_manager(adapter.poolmanager)
+    return session
+
+
+def default_session(workers: int) -> requests.Session:
+    """Return a new session for one worker thread: no urllib3 retries, pools sized to match."""
+    session = requests.Session()
+    session.headers["User-Agent"] = (
+        f"fetchpool/{__version__} python-requests/{requests.__version__}"
+    )
+    for prefix in ("http://", "https://"):
+        session.mount(
+            prefix,
+            _GuardedAdapter(pool_connections=16, pool_maxsize=max(1, workers), max_retries=0),
+        )
+    return prepare_session(session)
+
+
+def describe(exc: BaseException) -> str:
+    """Return a short text for a cause, good for an error message."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def network_error(exc: BaseException, url: str, guard: Guard | None, during: str) -> FetchError:
+    """Map a ``requests``/urllib3/socket exception to the right :class:`FetchError`."""
+    shown = redact_url(url)
+    if guard is not None and guard.cancelled:
+        return TransferError(f"download of {shown} cancelled", url=shown, retryable=False)
+    if guard is not None and guard.fired:
+        return TransferError(f"deadline exceeded {during} {shown} ({describe(exc)})", url=shown)
+    if isinstance(
+        exc,
+        (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema,
+            urllib3.exceptions.LocationParseError,
+        ),
+    ):
+        return InvalidURL(f"invalid URL {shown}: {describe(exc)}", url=shown)
+    if isinstance(exc, requests.exceptions.SSLError):
+        return TransferError(
+            f"TLS error {during} {shown}: {describe(exc)}", url=shown, retryable=False
+        )
+    if isinstance(exc, (requests.exceptions.InvalidHeader, urllib3.exceptions.InvalidHeader)):
+        return TransferError(
+            f"malformed response {during} {shown}: {describe(exc)}", url=shown, retryable=False
+        )
+    if isinstance(
+        exc, (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    ):
+        return TransferError(f"timed out {during} {shown}: {describe(exc)}", url=shown)
+    return TransferError(f"connection failed {during} {shown}: {describe(exc)}", url=shown)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def open_response(
+    session: requests.Session,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    timeout: tuple[float, float],
+    allow_downgrade: bool,
+    guard: Guard | None,
+) -> requests.Response:
+    """Send GET for ``url``, following up to 10 redirects, and return the 2xx response.
+
+    The response is streamed: its body is unread. The caller must close it.
+
+    Raises:
+        HTTPStatusError: the final answer is not 2xx (its body is never read).
+        RedirectError: a loop, too many hops, a non-http(s) target or a refused downgrade.
+        TransferError: the connection failed, timed out or hit the deadline.
+        InvalidURL: ``requests`` rejected the URL.
+    """
+    shown = redact_url(url)
+    first_origin = _origin(url)
+    current = url
+    seen = {url}
+    cross_origin = False
+    for hop in range(MAX_REDIRECTS + 1):
+        prepared = session.prepare_request(requests.Request("GET", current, headers=dict(headers)))
+        if "Accept-Encoding" not in headers:
+            prepared.headers["Accept-Encoding"] = "identity"
+        if cross_origin:
+            for name in _CROSS_ORIGIN_DROP:
+                prepared.headers.pop(name, None)
+        settings = session.merge_environment_settings(prepared.url, {}, True, None, None)
+        try:
+            resp = session.send(prepared, allow_redirects=False, timeout=timeout, **settings)
+        except _NETWORK_ERRORS as exc:
+            raise network_error(exc, url, guard, "connecting to") from exc
+        status = resp.status_code
+        if 200 <= status < 300:
+            return resp
+        location = resp.headers.get("Location")
+        # Never read a non-2xx body: closing drops the connection instead.
+        resp.close()
+        if status not in _REDIRECT_STATUSES or location is None:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            reason = resp.reason or http.client.responses.get(status, "")
+            raise HTTPStatusError(
+                f"HTTP {status} {reason} for {shown}".rstrip(),
+                url=shown,
+                status_code=status,
+                retry_after=retry_after,
+            )
+        if hop == MAX_REDIRECTS:
+            raise RedirectError(f"more than {MAX_REDIRECTS} redirects for {shown}", url=shown)
+        try:
+            target = urljoin(current, location.strip())
+            target_scheme = urlsplit(target).scheme.lower()
+        except ValueError as exc:
+            raise RedirectError(
+                f"bad redirect Location for {shown}: {describe(exc)}", url=shown
+            ) from exc
+        if target_scheme not in ("http", "https"):
+            raise RedirectError(
+                f"redirect to a {target_scheme or 'relative'}: URL refused for {shown}", url=shown
+            )
+        downgrade = urlsplit(current).scheme.lower() == "https" and target_scheme == "http"
+        if downgrade and not allow_downgrade:
+            raise RedirectError(
+                f"redirect from https to http refused for {shown} (allow_downgrade=False)",
+                url=shown,
+            )
+        target = target.split("#", 1)[0]
+        if target in seen:
+            raise RedirectError(f"redirect loop for {shown}", url=shown)
+        seen.add(target)
+        if _origin(target) != first_origin:
+            cross_origin = True
+        log.debug("redirect %d for %s -> %s", status, shown, redact_url(target))
+        current = target
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def content_length(resp: requests.Response, url: str) -> int | None:
+    """Return the response's ``Content-Length``, or ``None`` when it has none.
+
+    Raises:
+        TransferError: the header is not a number, or repeated with different values.
+    """
+    raw = resp.headers.get("Content-Length")
+    if raw is None:
+        return None
+    if "chunked" in resp.headers.get("Transfer-Encoding", "").lower():
+        # Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
+        return None
+    values = {v.strip() for v in raw.split(",")}
+    if len(values) != 1 or not next(iter(values)).isdigit():
+        shown = redact_url(url)
+        raise TransferError(
+            f"malformed Content-Length {raw[:60]!r} from {shown}", url=shown, retryable=False
+        )
+    return int(next(iter(values)))
+
+
+class _Decoder(Protocol):
+    def feed(self, data: bytes, limit: int) -> bytes: ...
+    def more(self, limit: int) -> bytes: ...
+    def finished(self) -> bool: ...
+
+
+class _ZlibDecoder:
+    """gzip/deflate decoding with bounded output per call (bombs stay small)."""
+
+    def __init__(self, encoding: str) -> None:
+        self._gzip = encoding in ("gzip", "x-gzip")
+        self._obj = zlib.decompressobj(47 if self._gzip else 15)
+        self._started = False
+        self._tail = b""
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        if self._obj.eof and self._gzip:
+            # Concatenated gzip members are one body.
+            data = self._obj.unused_data + data
+            self._obj = zlib.decompressobj(47)
+        else:
+            data = self._obj.unconsumed_tail + data
+        try:
+            out = self._obj.decompress(data, limit)
+        except zlib.error:
+            if self._gzip or self._started:
+                raise
+            # Some servers send raw deflate without the zlib wrapper.
+            self._obj = zlib.decompressobj(-15)
+            out = self._obj.decompress(data, limit)
+        self._started = True
+        return out
+
+    def more(self, limit: int) -> bytes:
+        tail = self._obj.unconsumed_tail
+        if tail:
+            return self._obj.decompress(tail, limit)
+        if self._obj.eof and self._gzip and self._obj.unused_data:
+            leftover = self._obj.unused_data
+            self._obj = zlib.decompressobj(47)
+            return self._obj.decompress(leftover, limit)
+        return b""
+
+    def finished(self) -> bool:
+        return self._obj.eof and not self._obj.unconsumed_tail
+
+
+@dataclass
+class Body:
+    """The streamed body of a 2xx response: decoded chunks with limits enforced.
+
+    Args:
+        resp: the response from :func:`open_response`.
+        url: the caller's URL (for messages).
+        max_bytes: the limit on decoded bytes, or ``None``.
+        guard: the attempt's deadline guard.
+
+    Raises (on construction):
+        TooLargeError: ``Content-Length`` exceeds ``max_bytes``.
+        TransferError: malformed ``Content-Length`` or an unsupported ``Content-Encoding``.
+    """
+
+    resp: requests.Response
+    url: str
+    max_bytes: int | None
+    guard: Guard | None
+
+    def __post_init__(self) -> None:
+        self.shown = redact_url(self.url)
+        self.length = content_length(self.resp, self.url)
+        encoding = self.resp.headers.get("Content-Encoding", "").strip().lower()
+        self.decoder: _Decoder | None = None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self.decoder = _ZlibDecoder(encoding)
+        elif encoding not in ("", "identity"):
+            raise TransferError(
+                f"unsupported Content-Encoding {encoding[:40]!r} from {self.shown}",
+                url=self.shown,
+                retryable=False,
+            )
+        # With an encoding the length counts compressed bytes: no size announced.
+        self.total = self.length if self.decoder is None else None
+        if self.total is not None and self.max_bytes is not None and self.total > self.max_bytes:
+            raise TooLargeError(
+                f"{self.shown} announces {self.total} bytes, over max_bytes={self.max_bytes}",
+                url=self.shown,
+            )
+        self.received = 0
+        self.decoded = 0
+
+    def _count(self, data: bytes) -> bytes:
+        self.decoded += len(data)
+        if self.max_bytes is not None and self.decoded > self.max_bytes:
+            raise TooLargeError(
+                f"{self.shown} sent more than max_bytes={self.max_bytes} bytes", url=self.shown
+            )
+        return data
+
+    def _check_guard(self) -> None:
+        if self.guard is not None and self.guard.fired:
+            raise network_error(TimeoutError("stopped"), self.url, self.guard, "while reading")
+
+    def chunks(self) -> Iterator[bytes]:
+        """Yield the decoded body in chunks.
+
+        Raises:
+            TransferError: reset, timeout, deadline, truncation, malformed framing or a
+                corrupt compressed stream.
+            TooLargeError: more than ``max_bytes`` decoded bytes.
+        """
+        raw = self.resp.raw
+        limit = CHUNK_SIZE
+        while True:
+            self._check_guard()
+            try:
+                data = raw.read(CHUNK_SIZE, decode_content=False)
+            except _NETWORK_ERRORS as exc:
+                raise network_error(exc, self.url, self.guard, "while reading") from exc
+            if not data:
+                break
+            self.received += len(data)
+            if self.length is not None and self.received > self.length:
+                raise TransferError(
+                    f"{self.shown} sent more than its Content-Length",
+                    url=self.shown,
+                    retryable=False,
+                )
+            if self.decoder is None:
+                yield self._count(data)
+                continue
+            try:
+                out = self.decoder.feed(data, limit)
+                while out:
+                    yield self._count(out)
+                    out = self.decoder.more(limit)
+            except zlib.error as exc:
+                raise TransferError(
+                    f"corrupt compressed body from {self.shown}: {exc}", url=self.shown
+                ) from exc
+        self._check_guard()
+        if self.length is not None and self.received < self.length:
+            raise TransferError(
+                f"truncated body from {self.shown}: {self.received} of {self.length} bytes",
+                url=self.shown,
+            )
+        if self.decoder is not None and not self.decoder.finished():
+            raise TransferError(f"truncated compressed body from {self.shown}", url=self.shown)
