@@ -31,9 +31,10 @@ _current = threading.local()
 class Guard:
     """The deadline of one attempt; a context manager that makes it the thread's current one."""
 
-    def __init__(self, watchdog: Watchdog, deadline: float) -> None:
+    def __init__(self, watchdog: Watchdog, seconds: float) -> None:
         self._watchdog = watchdog
-        self.deadline = deadline
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
         self.expired = False
         self.cancelled = False
         self._sock: socket.socket | None = None
@@ -107,7 +108,7 @@ class Watchdog:
 
     def guard(self, seconds: float) -> Guard:
         """Return a new guard that fires ``seconds`` from now."""
-        g = Guard(self, time.monotonic() + max(0.0, seconds))
+        g = Guard(self, max(0.0, seconds))
         with self.lock:
             if self._cancelled:
                 g.cancelled = True

@@ -32,6 +32,8 @@ from .naming import (
     name_from_url,
     origin_url,
     redact_url,
+    scrub,
+    secrets_of,
     validate_url,
 )
 from .options import (
@@ -375,7 +377,8 @@ class Downloader:
             # A bug here must not lose the URL: it becomes that URL's failure.
             log.exception("internal error while downloading %s", redact_url(task.url))
             shown = redact_url(task.url)
-            error = FetchError(f"internal error downloading {shown}: {exc!r}", url=shown)
+            text = scrub(repr(exc), secrets_of(task.url, self._opts.headers))
+            error = FetchError(f"internal error downloading {shown}: {text}", url=shown)
             error.__cause__ = exc
             result = self._failed(task, error, attempts[0], start)
         finally:
@@ -516,7 +519,8 @@ class Downloader:
                 guard=guard,
             )
             try:
-                body = Body(resp, task.url, self._opts.max_bytes, guard)
+                secrets = secrets_of(task.url, self._opts.headers)
+                body = Body(resp, task.url, self._opts.max_bytes, guard, secrets)
                 content_type = resp.headers.get("Content-Type")
                 chunks = body.chunks()
                 head = b""

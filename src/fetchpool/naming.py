@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import unicodedata
+from collections.abc import Mapping
 from email.message import Message
 from pathlib import PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -27,6 +28,9 @@ __all__ = [
     "origin_url",
     "redact_url",
     "sanitize",
+    "scrub",
+    "secrets_of",
+    "split_userinfo",
     "validate_url",
 ]
 
@@ -81,6 +85,44 @@ def redact_url(url: str) -> str:
         return url
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+_SENSITIVE_HEADER = re.compile(r"auth|cookie|token|secret|key|session|passw", re.IGNORECASE)
+
+
+def split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """Return ``url`` without user-info and the decoded ``(user, password)``, if any."""
+    clean = redact_url(url)
+    if clean == url:
+        return url, None
+    userinfo = urlsplit(url).netloc.rpartition("@")[0]
+    user, _, password = userinfo.partition(":")
+    return clean, (unquote(user), unquote(password))
+
+
+def secrets_of(url: str, headers: Mapping[str, str]) -> tuple[str, ...]:
+    """Return the strings that must never appear in a message about ``url``.
+
+    They are the URL's user-info and the values of sensitive-looking headers
+    (``Authorization``, ``Cookie``, anything named like a token, key or secret).
+    """
+    found: list[str] = []
+    _, creds = split_userinfo(url)
+    if creds is not None:
+        userinfo = urlsplit(url).netloc.rpartition("@")[0]
+        found += [userinfo, creds[1], userinfo.partition(":")[2]]
+    for name, value in headers.items():
+        if _SENSITIVE_HEADER.search(name):
+            found.append(value)
+            found += value.split()
+    return tuple(sorted({s for s in found if len(s) >= 4}, key=len, reverse=True))
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """Return ``text`` with every secret replaced by ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
 
 
 def origin_url(url: str) -> str:

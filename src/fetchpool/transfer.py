@@ -30,7 +30,7 @@ from .errors import (
     TooLargeError,
     TransferError,
 )
-from .naming import redact_url
+from .naming import redact_url, scrub, secrets_of, split_userinfo
 from .retry import parse_retry_after
 
 __all__ = ["CHUNK_SIZE", "MAX_REDIRECTS", "Body", "open_response", "prepare_session"]
@@ -90,19 +90,31 @@ def default_session(workers: int) -> requests.Session:
     return prepare_session(session)
 
 
-def describe(exc: BaseException) -> str:
-    """Return a short text for a cause, good for an error message."""
-    text = str(exc) or type(exc).__name__
+def _describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
+    """Return a short text for a cause, good for an error message, with secrets removed."""
+    text = scrub(str(exc) or type(exc).__name__, secrets)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def network_error(exc: BaseException, url: str, guard: Guard | None, during: str) -> FetchError:
+def network_error(
+    exc: BaseException,
+    url: str,
+    guard: Guard | None,
+    during: str,
+    secrets: tuple[str, ...] = (),
+) -> FetchError:
     """Map a ``requests``/urllib3/socket exception to the right :class:`FetchError`."""
     shown = redact_url(url)
+
+    def describe(exc: BaseException) -> str:
+        return _describe(exc, secrets)
+
     if guard is not None and guard.cancelled:
         return TransferError(f"download of {shown} cancelled", url=shown, retryable=False)
     if guard is not None and guard.fired:
-        return TransferError(f"deadline exceeded {during} {shown} ({describe(exc)})", url=shown)
+        return TransferError(
+            f"deadline of {guard.seconds:g} s exceeded {during} {shown}", url=shown
+        )
     if isinstance(
         exc,
         (
@@ -155,12 +167,18 @@ def open_response(
         InvalidURL: ``requests`` rejected the URL.
     """
     shown = redact_url(url)
-    first_origin = _origin(url)
-    current = url
-    seen = {url}
+    secrets = secrets_of(url, headers)
+    # Credentials in the URL travel as an Authorization header that is dropped on a
+    # cross-origin hop, and the URL itself then holds no secret to leak.
+    current, auth = split_userinfo(url)
+    first_origin = _origin(current)
+    seen = {current}
     cross_origin = False
     for hop in range(MAX_REDIRECTS + 1):
-        prepared = session.prepare_request(requests.Request("GET", current, headers=dict(headers)))
+        request = requests.Request(
+            "GET", current, headers=dict(headers), auth=None if cross_origin else auth
+        )
+        prepared = session.prepare_request(request)
         if "Accept-Encoding" not in headers:
             prepared.headers["Accept-Encoding"] = "identity"
         if cross_origin:
@@ -170,7 +188,7 @@ def open_response(
         try:
             resp = session.send(prepared, allow_redirects=False, timeout=timeout, **settings)
         except _NETWORK_ERRORS as exc:
-            raise network_error(exc, url, guard, "connecting to") from exc
+            raise network_error(exc, url, guard, "connecting to", secrets) from exc
         status = resp.status_code
         if 200 <= status < 300:
             return resp
@@ -193,7 +211,7 @@ def open_response(
             target_scheme = urlsplit(target).scheme.lower()
         except ValueError as exc:
             raise RedirectError(
-                f"bad redirect Location for {shown}: {describe(exc)}", url=shown
+                f"bad redirect Location for {shown}: {_describe(exc, secrets)}", url=shown
             ) from exc
         if target_scheme not in ("http", "https"):
             raise RedirectError(
@@ -303,6 +321,7 @@ class Body:
     url: str
     max_bytes: int | None
     guard: Guard | None
+    secrets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.shown = redact_url(self.url)
@@ -337,7 +356,9 @@ class Body:
 
     def _check_guard(self) -> None:
         if self.guard is not None and self.guard.fired:
-            raise network_error(TimeoutError("stopped"), self.url, self.guard, "while reading")
+            raise network_error(
+                TimeoutError("stopped"), self.url, self.guard, "while reading", self.secrets
+            )
 
     def chunks(self) -> Iterator[bytes]:
         """Yield the decoded body in chunks.
@@ -354,7 +375,9 @@ class Body:
             try:
                 data = raw.read(CHUNK_SIZE, decode_content=False)
             except _NETWORK_ERRORS as exc:
-                raise network_error(exc, self.url, self.guard, "while reading") from exc
+                raise network_error(
+                    exc, self.url, self.guard, "while reading", self.secrets
+                ) from exc
             if not data:
                 break
             self.received += len(data)
