@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fetchpool.retry import instant_retries
+from fetchpool.testing import instant_retries
 
 
 @pytest.fixture

@@ -47,6 +47,9 @@ and gives the URL its basename (an extension such as ``.png`` picks the format):
     /headers                        the request headers echoed as JSON
 
 Anything else answers 404.
+
+:func:`instant_retries` (re-exported from :mod:`fetchpool.retry`) makes retry waits
+instant and records them, for tests of code that downloads with fetchpool.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-__all__ = ["ImageServer", "make_image"]
+from .retry import instant_retries
+
+__all__ = ["ImageServer", "instant_retries", "make_image"]
 
 _KINDS: Final = ("png", "jpeg", "gif", "webp", "bmp")
 _EXTENSIONS: Final = {"png": "png", "jpeg": "jpg", "gif": "gif", "webp": "webp", "bmp": "bmp"}
