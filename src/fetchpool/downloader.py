@@ -517,6 +517,7 @@ class Downloader:
                 timeout=self._opts.timeout,
                 allow_downgrade=self._opts.allow_downgrade,
                 guard=guard,
+                env_cache=self._local.env_cache,
             )
             try:
                 secrets = secrets_of(task.url, self._opts.headers)
@@ -585,6 +586,7 @@ class Downloader:
             else:
                 session = default_session(self.workers)
             self._local.session = session
+            self._local.env_cache = {}
             with self._sessions_lock:
                 self._sessions.append(session)
         return session

@@ -42,6 +42,7 @@ _MAX_NAME_BYTES = 200
 _MAX_EXT_CHARS = 16
 _HASH_CHARS = 10
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
 _WINDOWS_RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
     | {f"COM{i}" for i in range(1, 10)}
@@ -59,7 +60,7 @@ def validate_url(url: object) -> str:
     if not isinstance(url, str):
         raise InvalidURL(f"not a URL string: {type(url).__name__}", url=repr(url)[:200])
     shown = redact_url(url)
-    if _CONTROL.search(url) or any(ch.isspace() for ch in url):
+    if _CONTROL_OR_SPACE.search(url):
         raise InvalidURL(f"URL contains whitespace or control characters: {shown!r}", url=shown)
     try:
         parts = urlsplit(url)

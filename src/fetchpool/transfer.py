@@ -140,6 +140,22 @@ def network_error(
     return TransferError(f"connection failed {during} {shown}: {describe(exc)}", url=shown)
 
 
+def _environment(
+    session: requests.Session, url: str, cache: dict[tuple[str, str], dict[str, Any]] | None
+) -> dict[str, Any]:
+    # Proxies and CA bundle depend only on scheme and host; reading them from
+    # os.environ on every request is a large share of requests' per-call cost.
+    if cache is None:
+        return session.merge_environment_settings(url, {}, True, None, None)
+    parts = urlsplit(url)
+    key = (parts.scheme.lower(), parts.netloc.lower())
+    settings = cache.get(key)
+    if settings is None:
+        settings = session.merge_environment_settings(url, {}, True, None, None)
+        cache[key] = settings
+    return settings
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -155,10 +171,13 @@ def open_response(
     timeout: tuple[float, float],
     allow_downgrade: bool,
     guard: Guard | None,
+    env_cache: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> requests.Response:
     """Send GET for ``url``, following up to 10 redirects, and return the 2xx response.
 
     The response is streamed: its body is unread. The caller must close it.
+    ``env_cache`` (one per session) keeps the proxy and CA settings that ``requests``
+    would otherwise read from the environment on every request.
 
     Raises:
         HTTPStatusError: the final answer is not 2xx (its body is never read).
@@ -184,7 +203,7 @@ def open_response(
         if cross_origin:
             for name in _CROSS_ORIGIN_DROP:
                 prepared.headers.pop(name, None)
-        settings = session.merge_environment_settings(prepared.url, {}, True, None, None)
+        settings = _environment(session, current, env_cache)
         try:
             resp = session.send(prepared, allow_redirects=False, timeout=timeout, **settings)
         except _NETWORK_ERRORS as exc:
