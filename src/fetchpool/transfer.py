@@ -145,14 +145,13 @@ def _environment(
 ) -> dict[str, Any]:
     # Proxies and CA bundle depend only on scheme and host; reading them from
     # os.environ on every request is a large share of requests' per-call cost.
-    if cache is None:
-        return session.merge_environment_settings(url, {}, True, None, None)
     parts = urlsplit(url)
     key = (parts.scheme.lower(), parts.netloc.lower())
-    settings = cache.get(key)
+    settings = cache.get(key) if cache is not None else None
     if settings is None:
-        settings = session.merge_environment_settings(url, {}, True, None, None)
-        cache[key] = settings
+        settings = dict(session.merge_environment_settings(url, {}, True, None, None))
+        if cache is not None:
+            cache[key] = settings
     return settings
 
 
