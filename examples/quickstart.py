@@ -26,22 +26,23 @@ def main() -> int:
     parser.add_argument("--dest", type=Path, help="directory (default: a temporary one)")
     args = parser.parse_args()
 
-    with ImageServer(n_images=args.n, latency=args.latency_ms / 1000) as server:
-        with tempfile.TemporaryDirectory(prefix="fetchpool-quickstart-") as tmp:
-            dest = args.dest or Path(tmp)
-            results = download_all(server.urls, dest, workers=args.workers)
-            correct = sum(
-                1
-                for r in results
-                if r.path is not None
-                and hashlib.sha256(r.path.read_bytes()).hexdigest()
-                == server.expected_sha256(r.url)
-            )
-            print(results.summary())
-            for failure in results.failed:
-                print(f"  failed: {failure.url}: {failure.error}")
-            print(f"{correct}/{len(results)} files match the server's sha256")
-            return 0 if correct == len(results) else 1
+    with (
+        ImageServer(n_images=args.n, latency=args.latency_ms / 1000) as server,
+        tempfile.TemporaryDirectory(prefix="fetchpool-quickstart-") as tmp,
+    ):
+        dest = args.dest or Path(tmp)
+        results = download_all(server.urls, dest, workers=args.workers)
+        correct = sum(
+            1
+            for r in results
+            if r.path is not None
+            and hashlib.sha256(r.path.read_bytes()).hexdigest() == server.expected_sha256(r.url)
+        )
+        print(results.summary())
+        for failure in results.failed:
+            print(f"  failed: {failure.url}: {failure.error}")
+        print(f"{correct}/{len(results)} files match the server's sha256")
+        return 0 if correct == len(results) else 1
 
 
 if __name__ == "__main__":
