@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 import requests
 
-from .deadline import Watchdog
+from .deadline import Guard, Watchdog
 from .errors import (
     FetchError,
     NotAnImageError,
@@ -363,7 +363,9 @@ class Downloader:
                 path=outcome.path,
                 status=outcome.status,
                 bytes=outcome.nbytes,
-                attempts=attempts[0],
+                # A skip may follow a request (a Content-Disposition name), but no
+                # download was attempted: the contract says 0.
+                attempts=0 if outcome.status == "skipped" else attempts[0],
                 elapsed=time.monotonic() - start,
                 content_type=outcome.content_type,
             )
@@ -520,36 +522,44 @@ class Downloader:
                 env_cache=self._local.env_cache,
             )
             try:
-                secrets = secrets_of(task.url, self._opts.headers)
-                body = Body(resp, task.url, self._opts.max_bytes, guard, secrets)
-                content_type = resp.headers.get("Content-Type")
-                chunks = body.chunks()
-                head = b""
-                for chunk in chunks:
-                    head += chunk
-                    if len(head) >= SNIFF_BYTES:
-                        break
-                if self._opts.verify == "image" and sniff_image(head[:SNIFF_BYTES]) is None:
-                    what = content_type or "no Content-Type"
-                    raise NotAnImageError(
-                        f"{shown} is not an image ({what}, starts with {head[:16]!r})", url=shown
-                    )
-                if path is not None:
-                    return self._write(task, path, head, chunks, body, content_type)
-                name = name_from_content_disposition(resp.headers.get("Content-Disposition"))
-                target = task.path
-                if name is not None and name != task.path.name:
-                    target = self._claims.url_name(self.dest, name, task.url, task.origin)
-                lock, target, early = self._settle(task, target)
-                if early is not None:
-                    return early
-                assert lock is not None
+                lock: PathLock | None = None
+                if path is None:
+                    # Content-Disposition names arrive with the headers: settle the
+                    # name (and skip) now, before any of the body is read.
+                    lock, path, early = self._settle(task, self._disposition_path(task, resp))
+                    if early is not None:
+                        return early
                 try:
-                    return self._write(task, target, head, chunks, body, content_type)
+                    return self._receive(task, path, resp, guard)
                 finally:
-                    lock.release()
+                    if lock is not None:
+                        lock.release()
             finally:
                 resp.close()
+
+    def _disposition_path(self, task: _Task, resp: requests.Response) -> Path:
+        name = name_from_content_disposition(resp.headers.get("Content-Disposition"))
+        if name is None or name == task.path.name:
+            return task.path
+        return self._claims.url_name(self.dest, name, task.url, task.origin)
+
+    def _receive(self, task: _Task, path: Path, resp: requests.Response, guard: Guard) -> _Outcome:
+        shown = redact_url(task.url)
+        secrets = secrets_of(task.url, self._opts.headers)
+        body = Body(resp, task.url, self._opts.max_bytes, guard, secrets)
+        content_type = resp.headers.get("Content-Type")
+        chunks = body.chunks()
+        head = b""
+        for chunk in chunks:
+            head += chunk
+            if len(head) >= SNIFF_BYTES:
+                break
+        if self._opts.verify == "image" and sniff_image(head[:SNIFF_BYTES]) is None:
+            what = content_type or "no Content-Type"
+            raise NotAnImageError(
+                f"{shown} is not an image ({what}, starts with {head[:16]!r})", url=shown
+            )
+        return self._write(task, path, head, chunks, body, content_type)
 
     def _write(
         self,

@@ -96,6 +96,22 @@ def _describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``exc`` or anything it wraps (cause, context, args) is one of ``kinds``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kinds):
+            return True
+        todo += [a for a in current.args if isinstance(a, BaseException)]
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return False
+
+
 def network_error(
     exc: BaseException,
     url: str,
@@ -129,7 +145,14 @@ def network_error(
         return TransferError(
             f"TLS error {during} {shown}: {describe(exc)}", url=shown, retryable=False
         )
-    if isinstance(exc, (requests.exceptions.InvalidHeader, urllib3.exceptions.InvalidHeader)):
+    if _caused_by(
+        exc,
+        (
+            requests.exceptions.InvalidHeader,
+            urllib3.exceptions.InvalidHeader,
+            urllib3.exceptions.InvalidChunkLength,
+        ),
+    ):
         return TransferError(
             f"malformed response {during} {shown}: {describe(exc)}", url=shown, retryable=False
         )
@@ -388,10 +411,18 @@ class Body:
         """
         raw = self.resp.raw
         limit = CHUNK_SIZE
+        source: Iterator[bytes]
+        if raw.chunked and raw.supports_chunked_reads():
+            # urllib3's chunk parser tells a garbage chunk-size line (malformed, final)
+            # from a connection that closed between chunks (truncated, retryable);
+            # http.client's reports both as IncompleteRead.
+            source = raw.read_chunked(CHUNK_SIZE, decode_content=False)
+        else:
+            source = iter(lambda: raw.read(CHUNK_SIZE, decode_content=False), b"")
         while True:
             self._check_guard()
             try:
-                data = raw.read(CHUNK_SIZE, decode_content=False)
+                data = next(source, b"")
             except _NETWORK_ERRORS as exc:
                 raise network_error(
                     exc, self.url, self.guard, "while reading", self.secrets
