@@ -537,3 +537,41 @@ def test_errors_carry_url_and_type(rs: responses.RequestsMock, dest: Path) -> No
     assert r.error.url == f"{B}/x.png"
     with pytest.raises(HTTPStatusError):
         r.raise_for_error()
+
+
+def test_progress_true_draws_a_tqdm_bar(
+    rs: responses.RequestsMock, dest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rs.get(f"{B}/a.png", body=PNG)
+    rs.get(f"{B}/b.png", status=404)
+    results = download_all([f"{B}/a.png", f"{B}/b.png"], dest, progress=True)
+    assert [r.status for r in results] == ["downloaded", "failed"]
+    err = capsys.readouterr().err
+    assert "2/2" in err
+    assert "1 failed" in err
+
+
+def test_without_xattrs_names_are_remembered(
+    rs: responses.RequestsMock, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fetchpool.downloader
+    import fetchpool.storage
+
+    monkeypatch.setattr(fetchpool.downloader, "supports_xattrs", lambda directory: False)
+    monkeypatch.setattr(fetchpool.storage, "_set_origin", lambda fd, origin: False)
+    urls = [f"{B}/a/cat.jpg", f"{B}/b/cat.jpg"]
+    rs.get(urls[0], body=JPEG + b"a")
+    rs.get(urls[1], body=JPEG + b"b")
+    with Downloader(dest, workers=1) as dl:
+        first = dl.submit(urls[0]).result()
+        # The first file is finished and carries no origin record; only the
+        # Downloader's memory keeps the second URL from taking it as its own.
+        second = dl.submit(urls[1]).result()
+        repeat = dl.submit(urls[0]).result()
+    assert first.path == dest / "cat.jpg"
+    assert second.status == "downloaded"
+    assert second.path is not None
+    assert second.path != first.path
+    assert second.path.read_bytes() == JPEG + b"b"
+    assert repeat.status == "skipped"
+    assert repeat.path == first.path
