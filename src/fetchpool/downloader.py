@@ -306,12 +306,14 @@ class Downloader:
             cancel: cancel pending downloads and stop those in flight at their next
                 read; their temporary files are removed.
         """
+        self._closed = True
         if cancel:
+            # Empty the queue first, so that no worker freed by the cancel below picks up
+            # a pending download (which must end cancelled, not failed).
+            self._executor.shutdown(wait=False, cancel_futures=True)
             self._cancel.set()
             self._watchdog.cancel_all()
-        if not self._closed:
-            self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=cancel)
+        self._executor.shutdown(wait=True)
         self._watchdog.stop()
         with self._sessions_lock:
             sessions, self._sessions = self._sessions, []
