@@ -40,6 +40,7 @@ log = logging.getLogger("fetchpool")
 #: Bytes asked of the socket per read.
 CHUNK_SIZE = 256 * 1024
 MAX_REDIRECTS = 10
+_ENV_CACHE_HOSTS = 256
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CROSS_ORIGIN_DROP = ("Authorization", "Cookie", "Proxy-Authorization")
 _NETWORK_ERRORS = (
@@ -174,6 +175,9 @@ def _environment(
     if settings is None:
         settings = dict(session.merge_environment_settings(url, {}, True, None, None))
         if cache is not None:
+            if len(cache) >= _ENV_CACHE_HOSTS:
+                # Many distinct hosts (a crawl): stay bounded rather than clever.
+                cache.clear()
             cache[key] = settings
     return settings
 
