@@ -182,20 +182,14 @@ class PathLock:
                     else:
                         threading.Event().wait(delay)
                     delay = min(delay * 2, _POLL_MAX)
-                held = os.fstat(fd)
-                try:
-                    current = os.stat(self._path)
-                except FileNotFoundError:
-                    current = None
+                # Holders unlink the lock file before releasing it, so a file still
+                # linked is the one at the path; an unlinked one means start over.
+                linked = os.fstat(fd).st_nlink > 0
             except BaseException:
                 os.close(fd)
                 raise
-            if current is not None and (current.st_dev, current.st_ino) == (
-                held.st_dev,
-                held.st_ino,
-            ):
+            if linked:
                 return fd
-            # The previous holder removed the file we locked: start over.
             os.close(fd)
 
     def release(self) -> None:
