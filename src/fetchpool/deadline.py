@@ -31,9 +31,10 @@ _current = threading.local()
 class Guard:
     """The deadline of one attempt; a context manager that makes it the thread's current one."""
 
-    def __init__(self, watchdog: Watchdog, seconds: float) -> None:
+    def __init__(self, watchdog: Watchdog, seconds: float, limit: str = "deadline") -> None:
         self._watchdog = watchdog
         self.seconds = seconds
+        self.limit = limit
         self.deadline = time.monotonic() + seconds
         self.expired = False
         self.cancelled = False
@@ -106,9 +107,9 @@ class Watchdog:
         self._stopping = False
         self._cancelled = False
 
-    def guard(self, seconds: float) -> Guard:
-        """Return a new guard that fires ``seconds`` from now."""
-        g = Guard(self, max(0.0, seconds))
+    def guard(self, seconds: float, limit: str = "deadline") -> Guard:
+        """Return a new guard that fires ``seconds`` from now; ``limit`` names it in errors."""
+        g = Guard(self, max(0.0, seconds), limit)
         with self.lock:
             if self._cancelled:
                 g.cancelled = True

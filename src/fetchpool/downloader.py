@@ -10,7 +10,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
@@ -70,6 +71,8 @@ class _Task:
     origin: str
     path: Path
     caller_named: bool
+    #: Every claim taken for this task (derived and Content-Disposition names too).
+    claimed: list[Path] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,11 @@ class _Outcome:
 class _Claims:
     """Which URL owns which final path, within one Downloader.
 
-    Where files carry their origin in an xattr, a claim lasts only while its download
-    is in flight (the file's record takes over after); otherwise, or when no record
-    could be written, it lasts for the Downloader's lifetime.
+    A claim protects a name while its download is in flight. After it, the file's
+    ``user.xdg.origin.url`` record takes over, so the claim is dropped; it is kept
+    for the Downloader's lifetime only where no such record exists (no xattrs, a
+    skipped file with no record) and for caller-given names, whose files may belong
+    to an earlier run. A failed download drops its claims: it has no file to protect.
     """
 
     def __init__(self, remember: bool) -> None:
@@ -127,13 +132,11 @@ class _Claims:
             self._add(path, origin)
             return True
 
-    def release(self, path: Path, origin: str, *, on_disk: bool) -> None:
-        """End one claim; it is forgotten only if the file records its origin."""
+    def release(self, path: Path, origin: str, *, keep: bool) -> None:
+        """End one claim of ``origin`` on ``path``, unless it must be ``keep``-t."""
         with self._lock:
             owner = self._owners.get(path)
-            if owner is None or owner[0] != origin:
-                return
-            if self.remember or not on_disk:
+            if keep or owner is None or owner[0] != origin:
                 return
             if owner[1] <= 1:
                 del self._owners[path]
@@ -225,7 +228,8 @@ class Downloader:
             self._callback = self._bar
         elif callable(self._opts.progress):
             self._callback = self._opts.progress
-        self._progress_lock = threading.Lock()
+        # Reentrant: a callback may call submit(), which emits "started".
+        self._progress_lock = threading.RLock()
         self._cancel = threading.Event()
         self._watchdog = Watchdog()
         self._local = threading.local()
@@ -268,7 +272,16 @@ class Downloader:
             done: Future[DownloadResult] = Future()
             done.set_result(result)
             return done
-        return self._executor.submit(self._run, task)
+        future = self._executor.submit(self._run, task)
+        future.add_done_callback(partial(self._settle_cancelled, task))
+        return future
+
+    def _settle_cancelled(self, task: _Task, future: Future[DownloadResult]) -> None:
+        # A download cancelled before it started still owes its "failed" event and
+        # its claims.
+        if future.cancelled():
+            self._release_claims(task, None)
+            self._emit(task.url, 0, None, "failed")
 
     def map(self, urls: UrlInput) -> Iterator[DownloadResult]:
         """Download ``urls`` lazily, yielding results in input order.
@@ -348,9 +361,9 @@ class Downloader:
                     f"({shown})",
                     url=shown,
                 )
-            return _Task(valid, origin, path, caller_named=True)
+            return _Task(valid, origin, path, caller_named=True, claimed=[path])
         path = self._claims.url_name(self.dest, name_from_url(valid), valid, origin)
-        return _Task(valid, origin, path, caller_named=False)
+        return _Task(valid, origin, path, caller_named=False, claimed=[path])
 
     # -- the worker -------------------------------------------------------------------
 
@@ -386,12 +399,18 @@ class Downloader:
             error.__cause__ = exc
             result = self._failed(task, error, attempts[0], start)
         finally:
-            on_disk = outcome is not None and outcome.recorded
-            self._claims.release(task.path, task.origin, on_disk=on_disk)
-            if outcome is not None and outcome.path != task.path:
-                self._claims.release(outcome.path, task.origin, on_disk=on_disk)
+            self._release_claims(task, outcome)
         self._finish(result)
         return result
+
+    def _release_claims(self, task: _Task, outcome: _Outcome | None) -> None:
+        for path in task.claimed:
+            mine = outcome is not None and path == outcome.path
+            keep = task.caller_named or (
+                mine and outcome is not None and (self._claims.remember or not outcome.recorded)
+            )
+            self._claims.release(path, task.origin, keep=keep)
+        task.claimed.clear()
 
     def _failed(
         self, task: _Task, error: FetchError, attempts: int, start: float
@@ -410,7 +429,7 @@ class Downloader:
         if self._cancel.is_set():
             raise Cancelled
         self._ensure_dir(task)
-        if self._opts.content_disposition:
+        if self._opts.content_disposition and not task.caller_named:
             # The name may come with the headers: settle it inside the attempt.
             return self._with_retries(task, None, attempts)
         lock, path, early = self._settle(task, task.path)
@@ -471,6 +490,7 @@ class Downloader:
                     lock.release()
                     path = path.with_name(derived_name(path.name, task.url))
                     self._claims.add(path, task.origin)
+                    task.claimed.append(path)
                     may_derive = False
                     continue
                 if found.kind == "file" and self._opts.overwrite == "skip":
@@ -508,11 +528,11 @@ class Downloader:
         shown = redact_url(task.url)
         if self._cancel.is_set():
             raise Cancelled
-        seconds = min(self._opts.deadline, time_left)
-        if seconds <= 0:
+        if time_left <= 0:
             raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
+        limit = "deadline" if self._opts.deadline <= time_left else "retry budget"
         session = self._session()
-        with self._watchdog.guard(seconds) as guard:
+        with self._watchdog.guard(min(self._opts.deadline, time_left), limit) as guard:
             log.debug("GET %s", shown)
             resp = open_response(
                 session,
@@ -543,7 +563,9 @@ class Downloader:
         name = name_from_content_disposition(resp.headers.get("Content-Disposition"))
         if name is None or name == task.path.name:
             return task.path
-        return self._claims.url_name(self.dest, name, task.url, task.origin)
+        path = self._claims.url_name(self.dest, name, task.url, task.origin)
+        task.claimed.append(path)
+        return path
 
     def _receive(self, task: _Task, path: Path, resp: requests.Response, guard: Guard) -> _Outcome:
         shown = redact_url(task.url)

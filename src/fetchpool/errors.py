@@ -7,6 +7,7 @@ survive pickling, the message also holds the cause's text.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = [
@@ -119,6 +120,7 @@ class StorageError(FetchError, OSError):
     def __init__(self, message: str, url: str = "", errno: int | None = None) -> None:
         super().__init__(message, url)
         self.errno = errno
+        self.strerror = os.strerror(errno) if errno else message
 
     def _extra(self) -> tuple[Any, ...]:
         return (self.errno,)

@@ -23,6 +23,7 @@ __all__ = [
     "RESERVED_PREFIX",
     "check_relative_filename",
     "derived_name",
+    "is_sensitive_header",
     "name_from_content_disposition",
     "name_from_url",
     "origin_url",
@@ -101,6 +102,11 @@ def split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
     return clean, (unquote(user), unquote(password))
 
 
+def is_sensitive_header(name: str) -> bool:
+    """Whether a header's value is a secret (``Authorization``, ``Cookie``, ``X-Api-Key``...)."""
+    return bool(_SENSITIVE_HEADER.search(name))
+
+
 def secrets_of(url: str, headers: Mapping[str, str]) -> tuple[str, ...]:
     """Return the strings that must never appear in a message about ``url``.
 
@@ -113,7 +119,7 @@ def secrets_of(url: str, headers: Mapping[str, str]) -> tuple[str, ...]:
         userinfo = urlsplit(url).netloc.rpartition("@")[0]
         found += [userinfo, creds[1], userinfo.partition(":")[2]]
     for name, value in headers.items():
-        if _SENSITIVE_HEADER.search(name):
+        if is_sensitive_header(name):
             found.append(value)
             found += value.split()
     return tuple(sorted({s for s in found if len(s) >= 4}, key=len, reverse=True))

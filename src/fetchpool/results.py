@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal, overload
 
 from .errors import FetchError
+from .naming import redact_url
 
 __all__ = ["DownloadResult", "ProgressEvent", "Results", "Status", "Summary"]
 
@@ -15,7 +16,18 @@ Status = Literal["downloaded", "skipped", "failed"]
 ProgressState = Literal["started", "progress", "retrying", "done", "failed"]
 
 
-@dataclass(frozen=True)
+def _repr_fields(obj: object, names: tuple[str, ...]) -> str:
+    # Reprs end up in logs: show URLs without their user-info (DESIGN rule 9).
+    parts = []
+    for name in names:
+        value = getattr(obj, name)
+        if name == "url" and isinstance(value, str):
+            value = redact_url(value)
+        parts.append(f"{name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
+@dataclass(frozen=True, repr=False)
 class DownloadResult:
     """The outcome of one URL.
 
@@ -44,6 +56,12 @@ class DownloadResult:
         """True unless the download failed."""
         return self.status != "failed"
 
+    def __repr__(self) -> str:
+        return _repr_fields(
+            self,
+            ("url", "path", "status", "bytes", "attempts", "elapsed", "content_type", "error"),
+        )
+
     def raise_for_error(self) -> None:
         """Raise the result's error if it failed.
 
@@ -54,7 +72,7 @@ class DownloadResult:
             raise self.error
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ProgressEvent:
     """One progress notification for the ``progress`` callback.
 
@@ -72,6 +90,9 @@ class ProgressEvent:
     bytes: int
     total: int | None
     state: ProgressState
+
+    def __repr__(self) -> str:
+        return _repr_fields(self, ("url", "bytes", "total", "state"))
 
 
 class Summary(str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import ssl
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from urllib3.poolmanager import PoolManager
 
 from . import __version__
 from .deadline import Guard, guard_pool_manager
@@ -30,7 +32,7 @@ from .errors import (
     TooLargeError,
     TransferError,
 )
-from .naming import redact_url, scrub, secrets_of, split_userinfo
+from .naming import is_sensitive_header, redact_url, scrub, secrets_of, split_userinfo
 from .retry import parse_retry_after
 
 __all__ = ["CHUNK_SIZE", "MAX_REDIRECTS", "Body", "open_response", "prepare_session"]
@@ -53,11 +55,31 @@ _NETWORK_ERRORS = (
 
 
 class _GuardedAdapter(HTTPAdapter):
-    """An adapter whose pools hand sockets to the attempt's deadline guard."""
+    """An adapter whose pools, direct and through proxies, hand sockets to the guard."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         guard_pool_manager(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> PoolManager:
+        manager: PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        guard_pool_manager(manager)
+        return manager
+
+
+def _guard_adapter(adapter: HTTPAdapter) -> None:
+    """Guard a caller's adapter: its direct pools and every proxy manager it makes."""
+    guard_pool_manager(adapter.poolmanager)
+    if isinstance(adapter, _GuardedAdapter):
+        return
+    make = adapter.proxy_manager_for
+
+    def proxy_manager_for(proxy: str, **proxy_kwargs: Any) -> PoolManager:
+        manager: PoolManager = make(proxy, **proxy_kwargs)
+        guard_pool_manager(manager)
+        return manager
+
+    adapter.proxy_manager_for = proxy_manager_for  # type: ignore[method-assign]
 
 
 def _no_redirects(*args: object, **kwargs: object) -> Iterator[Any]:
@@ -73,7 +95,7 @@ def prepare_session(session: requests.Session) -> requests.Session:
     session.resolve_redirects = _no_redirects  # type: ignore[method-assign]
     for adapter in session.adapters.values():
         if isinstance(adapter, HTTPAdapter):
-            guard_pool_manager(adapter.poolmanager)
+            _guard_adapter(adapter)
     return session
 
 
@@ -130,7 +152,7 @@ def network_error(
         return TransferError(f"download of {shown} cancelled", url=shown, retryable=False)
     if guard is not None and guard.fired:
         return TransferError(
-            f"deadline of {guard.seconds:g} s exceeded {during} {shown}", url=shown
+            f"{guard.limit} of {guard.seconds:.3g} s exceeded {during} {shown}", url=shown
         )
     if isinstance(
         exc,
@@ -142,10 +164,15 @@ def network_error(
         ),
     ):
         return InvalidURL(f"invalid URL {shown}: {describe(exc)}", url=shown)
-    if isinstance(exc, requests.exceptions.SSLError):
+    if _caused_by(exc, (ssl.SSLCertVerificationError,)):
         return TransferError(
-            f"TLS error {during} {shown}: {describe(exc)}", url=shown, retryable=False
+            f"TLS certificate refused {during} {shown}: {describe(exc)}",
+            url=shown,
+            retryable=False,
         )
+    if isinstance(exc, requests.exceptions.SSLError):
+        # An EOF or reset in the handshake is a connection failure and may heal.
+        return TransferError(f"TLS error {during} {shown}: {describe(exc)}", url=shown)
     if _caused_by(
         exc,
         (
@@ -224,16 +251,16 @@ def open_response(
             "GET", current, headers=dict(headers), auth=None if cross_origin else auth
         )
         prepared = session.prepare_request(request)
-        if "Accept-Encoding" not in headers:
+        if not any(name.lower() == "accept-encoding" for name in headers):
             prepared.headers["Accept-Encoding"] = "identity"
         if cross_origin:
-            for name in _CROSS_ORIGIN_DROP:
+            for name in [*_CROSS_ORIGIN_DROP, *filter(is_sensitive_header, headers)]:
                 prepared.headers.pop(name, None)
         settings = _environment(session, current, env_cache)
         try:
             resp = session.send(prepared, allow_redirects=False, timeout=timeout, **settings)
         except _NETWORK_ERRORS as exc:
-            raise network_error(exc, url, guard, "connecting to", secrets) from exc
+            raise network_error(exc, url, guard, "requesting", secrets) from exc
         status = resp.status_code
         if 200 <= status < 300:
             return resp
@@ -254,6 +281,7 @@ def open_response(
         try:
             target = urljoin(current, location.strip())
             target_scheme = urlsplit(target).scheme.lower()
+            target_origin = _origin(target)
         except ValueError as exc:
             raise RedirectError(
                 f"bad redirect Location for {shown}: {_describe(exc, secrets)}", url=shown
@@ -272,11 +300,16 @@ def open_response(
         if target in seen:
             raise RedirectError(f"redirect loop for {shown}", url=shown)
         seen.add(target)
-        if _origin(target) != first_origin:
+        if target_origin != first_origin:
             cross_origin = True
         log.debug("redirect %d for %s -> %s", status, shown, redact_url(target))
         current = target
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _is_decimal(text: str) -> bool:
+    # str.isdigit() accepts "²" and other digits int() refuses.
+    return text.isascii() and text.isdigit()
 
 
 def content_length(resp: requests.Response, url: str) -> int | None:
@@ -292,7 +325,7 @@ def content_length(resp: requests.Response, url: str) -> int | None:
         # Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
         return None
     values = {v.strip() for v in raw.split(",")}
-    if len(values) != 1 or not next(iter(values)).isdigit():
+    if len(values) != 1 or not _is_decimal(next(iter(values))):
         shown = redact_url(url)
         raise TransferError(
             f"malformed Content-Length {raw[:60]!r} from {shown}", url=shown, retryable=False
