@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import ssl
@@ -22,6 +23,7 @@ from fetchpool import (
     ProgressEvent,
     RedirectError,
     RetryPolicy,
+    StorageError,
     TransferError,
     UnsafeFilenameError,
     download_all,
@@ -253,3 +255,26 @@ def test_budget_cut_is_named_as_such(dest: Path) -> None:
         )
     assert isinstance(r.error, TransferError)
     assert "retry budget" in str(r.error)
+
+
+def test_waiting_for_another_writer_is_bounded(rs: responses.RequestsMock, dest: Path) -> None:
+    import fcntl
+
+    from fetchpool.storage import lock_key
+
+    rs.get(f"{B}/held.png", body=PNG)
+    # Another process's writer, stopped while holding the lock of held.png.
+    holder = os.open(
+        dest / f".fetchpool-{lock_key(dest / 'held.png')}.lock", os.O_RDWR | os.O_CREAT
+    )
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        start = time.monotonic()
+        (r,) = download_all([f"{B}/held.png"], dest, retry=RetryPolicy(budget=0.5))
+        elapsed = time.monotonic() - start
+    finally:
+        os.close(holder)
+    assert isinstance(r.error, StorageError)
+    assert "another writer" in str(r.error)
+    assert elapsed < 5
+    assert not (dest / "held.png").exists()

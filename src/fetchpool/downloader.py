@@ -476,7 +476,9 @@ class Downloader:
         shown = redact_url(task.url)
         may_derive = not task.caller_named
         while True:
-            lock = PathLock(path.parent, lock_key(path), self._cancel, shown)
+            lock = PathLock(
+                path.parent, lock_key(path), self._cancel, shown, timeout=self._opts.retry.budget
+            )
             lock.acquire()
             try:
                 found = inspect_target(path)

@@ -22,6 +22,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +94,16 @@ class PathLock:
     """One writer at a time for a final path, across threads and processes.
 
     The lock file is removed on release; a waiter that locked a file which was
-    removed meanwhile notices (the inode changed) and starts over, so two holders
-    can never coexist.
+    removed meanwhile notices (it is no longer linked) and starts over, so two
+    holders can never coexist.
 
     Args:
         directory: the directory of the final path.
         key: :func:`lock_key` of the final path.
         cancel: an event that aborts waiting with :class:`Cancelled`.
         url: for error messages.
+        timeout: the longest wait for another writer (a stopped process may hold the
+            lock forever); ``None`` waits as long as it takes.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class PathLock:
         key: str,
         cancel: threading.Event | None = None,
         url: str = "",
+        timeout: float | None = None,
     ) -> None:
         self.directory = directory
         self.key = key
@@ -116,6 +120,8 @@ class PathLock:
         self._tkey = f"{os.path.abspath(directory)}\0{key}"
         self._cancel = cancel
         self._url = url
+        self._timeout = timeout
+        self._give_up = float("inf")
         self._fd: int | None = None
         self._tlock: threading.Lock | None = None
 
@@ -124,8 +130,11 @@ class PathLock:
 
         Raises:
             Cancelled: the cancel event was set while waiting.
-            StorageError: the lock file cannot be created (read-only directory...).
+            StorageError: the lock file cannot be created (read-only directory...), or
+                another writer held it longer than ``timeout``.
         """
+        if self._timeout is not None:
+            self._give_up = time.monotonic() + self._timeout
         tlock = _THREAD_LOCKS.get(self._tkey)
         try:
             if blocking:
@@ -154,6 +163,12 @@ class PathLock:
     def _check_cancel(self) -> None:
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled
+        if time.monotonic() > self._give_up:
+            raise StorageError(
+                f"another writer held the lock of {self._url or self.directory} for more "
+                f"than {self._timeout:g} s",
+                url=self._url,
+            )
 
     def _acquire_file(self, blocking: bool) -> int | None:
         delay = _POLL_MIN
