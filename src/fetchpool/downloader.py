@@ -48,7 +48,7 @@ from .options import (
     make_options,
 )
 from .results import DownloadResult, ProgressEvent, ProgressState
-from .retry import RetryPolicy, call_with_retries
+from .retry import CLOCK, RetryPolicy, call_with_retries
 from .sniff import SNIFF_BYTES, sniff_image
 from .storage import Cancelled, PathLock, TempFile, inspect_target, lock_key, supports_xattrs, sweep
 from .transfer import Body, default_session, open_response, prepare_session
@@ -238,6 +238,8 @@ class Downloader:
         self._swept: set[Path] = set()
         self._swept_lock = threading.Lock()
         self._closed = False
+        self._closing = False
+        self._cancelled_urls: deque[str] = deque()
         self._sweep(self.dest)
         self._claims = _Claims(remember=not supports_xattrs(self.dest))
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
@@ -278,9 +280,14 @@ class Downloader:
 
     def _settle_cancelled(self, task: _Task, future: Future[DownloadResult]) -> None:
         # A download cancelled before it started still owes its "failed" event and
-        # its claims.
-        if future.cancelled():
-            self._release_claims(task, None)
+        # its claims. During close() this runs under the executor's shutdown lock,
+        # which a callback calling submit() may be waiting for: defer the event.
+        if not future.cancelled():
+            return
+        self._release_claims(task, None)
+        if self._closing:
+            self._cancelled_urls.append(task.url)
+        else:
             self._emit(task.url, 0, None, "failed")
 
     def map(self, urls: UrlInput) -> Iterator[DownloadResult]:
@@ -323,7 +330,13 @@ class Downloader:
         if cancel:
             # Empty the queue first, so that no worker freed by the cancel below picks up
             # a pending download (which must end cancelled, not failed).
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._closing = True
+            try:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+            finally:
+                self._closing = False
+            while self._cancelled_urls:
+                self._emit(self._cancelled_urls.popleft(), 0, None, "failed")
             self._cancel.set()
             self._watchdog.cancel_all()
         self._executor.shutdown(wait=True)
@@ -428,16 +441,17 @@ class Downloader:
     def _download(self, task: _Task, attempts: list[int]) -> _Outcome:
         if self._cancel.is_set():
             raise Cancelled
+        start = CLOCK.monotonic()  # the retry budget counts waiting for the lock too
         self._ensure_dir(task)
         if self._opts.content_disposition and not task.caller_named:
             # The name may come with the headers: settle it inside the attempt.
-            return self._with_retries(task, None, attempts)
+            return self._with_retries(task, None, attempts, start)
         lock, path, early = self._settle(task, task.path)
         if early is not None:
             return early
         assert lock is not None
         try:
-            return self._with_retries(task, path, attempts)
+            return self._with_retries(task, path, attempts, start)
         finally:
             lock.release()
 
@@ -511,7 +525,9 @@ class Downloader:
                 raise
             return lock, path, None
 
-    def _with_retries(self, task: _Task, path: Path | None, attempts: list[int]) -> _Outcome:
+    def _with_retries(
+        self, task: _Task, path: Path | None, attempts: list[int], start: float
+    ) -> _Outcome:
         shown = redact_url(task.url)
 
         def attempt(number: int, time_left: float) -> _Outcome:
@@ -523,7 +539,7 @@ class Downloader:
             self._emit(task.url, 0, None, "retrying")
 
         return call_with_retries(
-            self._opts.retry, attempt, cancel=self._cancel, before_retry=before_retry
+            self._opts.retry, attempt, cancel=self._cancel, before_retry=before_retry, start=start
         )
 
     def _attempt(self, task: _Task, path: Path | None, time_left: float) -> _Outcome:

@@ -174,13 +174,16 @@ def call_with_retries(
     *,
     cancel: threading.Event,
     before_retry: Callable[[BaseException, int, float], None] | None = None,
+    start: float | None = None,
 ) -> T:
     """Run ``attempt(number, time_left)`` until it succeeds or retrying must stop.
 
-    ``time_left`` is what remains of the policy's budget; the attempt should not run
-    longer. The last error is re-raised when retries stop.
+    ``time_left`` is what remains of the policy's budget, counted from ``start`` (a
+    :data:`CLOCK` reading; default now); the attempt should not run longer. The last
+    error is re-raised when retries stop.
     """
-    start = CLOCK.monotonic()
+    if start is None:
+        start = CLOCK.monotonic()
 
     def elapsed() -> float:
         return CLOCK.monotonic() - start

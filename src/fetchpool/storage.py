@@ -197,13 +197,21 @@ class PathLock:
                     else:
                         threading.Event().wait(delay)
                     delay = min(delay * 2, _POLL_MAX)
-                # Holders unlink the lock file before releasing it, so a file still
-                # linked is the one at the path; an unlinked one means start over.
-                linked = os.fstat(fd).st_nlink > 0
+                # Holders unlink the lock file before releasing it: the file we locked
+                # must still be the one at the path (an inode comparison; st_nlink
+                # would be fooled by NFS's silly-rename), else start over.
+                held = os.fstat(fd)
+                try:
+                    current = os.stat(self._path)
+                except FileNotFoundError:
+                    current = None
             except BaseException:
                 os.close(fd)
                 raise
-            if linked:
+            if current is not None and (current.st_dev, current.st_ino) == (
+                held.st_dev,
+                held.st_ino,
+            ):
                 return fd
             os.close(fd)
 
@@ -370,7 +378,8 @@ def supports_xattrs(directory: Path) -> bool:
     """Return whether files in ``directory`` can carry user extended attributes."""
     if getattr(os, "setxattr", None) is None:
         return False
-    key = "0" * 20
+    # A key of its own: nobody else can hold it, and sweepers leave the probe alone.
+    key = secrets.token_hex(10)
     lock = PathLock(directory, key)
     try:
         lock.acquire()

@@ -70,8 +70,9 @@ class _GuardedAdapter(HTTPAdapter):
 def _guard_adapter(adapter: HTTPAdapter) -> None:
     """Guard a caller's adapter: its direct pools and every proxy manager it makes."""
     guard_pool_manager(adapter.poolmanager)
-    if isinstance(adapter, _GuardedAdapter):
+    if isinstance(adapter, _GuardedAdapter) or adapter.__dict__.get("_fetchpool_guarded"):
         return
+    adapter.__dict__["_fetchpool_guarded"] = True
     make = adapter.proxy_manager_for
 
     def proxy_manager_for(proxy: str, **proxy_kwargs: Any) -> PoolManager:
@@ -164,15 +165,15 @@ def network_error(
         ),
     ):
         return InvalidURL(f"invalid URL {shown}: {describe(exc)}", url=shown)
-    if _caused_by(exc, (ssl.SSLCertVerificationError,)):
-        return TransferError(
-            f"TLS certificate refused {during} {shown}: {describe(exc)}",
-            url=shown,
-            retryable=False,
-        )
     if isinstance(exc, requests.exceptions.SSLError):
-        # An EOF or reset in the handshake is a connection failure and may heal.
-        return TransferError(f"TLS error {during} {shown}: {describe(exc)}", url=shown)
+        # The connection dropping mid-handshake may heal; a refused certificate or a
+        # protocol mismatch will not.
+        dropped = _caused_by(
+            exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, TimeoutError)
+        ) and not _caused_by(exc, (ssl.SSLCertVerificationError,))
+        return TransferError(
+            f"TLS error {during} {shown}: {describe(exc)}", url=shown, retryable=dropped
+        )
     if _caused_by(
         exc,
         (
