@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import responses
 
 from fetchpool.testing import instant_retries
 
@@ -23,3 +24,10 @@ def dest(tmp_path: Path) -> Path:
     d = tmp_path / "dest"
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def rs() -> Iterator[responses.RequestsMock]:
+    """HTTP mocked by ``responses`` for the test's duration."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock

@@ -36,12 +36,6 @@ from fetchpool import (
 B = "http://img.test"
 
 
-@pytest.fixture
-def rs() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
 def calls_to(rs: responses.RequestsMock, url: str) -> int:
     return sum(1 for c in rs.calls if c.request.url == url)
 

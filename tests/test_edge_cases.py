@@ -36,12 +36,6 @@ B = "http://img.test"
 
 
 @pytest.fixture
-def rs() -> Iterator[responses.RequestsMock]:
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield mock
-
-
-@pytest.fixture
 def drip_proxy() -> Iterator[str]:
     """A 'proxy' on 127.0.0.1 that answers every request one header byte per 0.1 s."""
     listener = socket.socket()
