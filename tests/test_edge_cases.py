@@ -344,3 +344,36 @@ def test_close_does_not_deadlock_with_a_callback_that_submits(
             dl._progress_lock = threading.RLock()
     assert not deadlocked, "close(cancel=True) deadlocked with a submitting callback"
     assert all(f.cancelled() for f in pending)
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_child_can_take_a_lock_its_parent_held_at_fork(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from fetchpool.storage import PathLock
+
+    def child() -> None:
+        lock = PathLock(tmp_path, "k" * 20, timeout=8)
+        try:
+            lock.acquire()
+        except StorageError:
+            os._exit(3)
+        lock.release()
+        os._exit(0)
+
+    held = PathLock(tmp_path, "k" * 20)
+    held.acquire()
+    # Forked while this process holds the lock: the child inherits the in-process lock
+    # (locked) and the flock's open file description.
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    try:
+        time.sleep(0.3)  # let the child start waiting on the held lock
+        held.release()
+        proc.join(20)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert proc.exitcode == 0
+    assert listing(tmp_path) == []

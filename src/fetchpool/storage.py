@@ -63,10 +63,22 @@ def _lock_path(directory: Path, key: str) -> Path:
     return directory / f"{RESERVED_PREFIX}{key}{_LOCK_SUFFIX}"
 
 
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class _ThreadLocks:
     """Refcounted in-process locks by key, so threads queue without polling flock."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start empty: in a forked child, the parent's threads and their locks are gone."""
         self._mutex = threading.Lock()
         self._locks: dict[str, tuple[threading.Lock, int]] = {}
 
@@ -88,6 +100,8 @@ class _ThreadLocks:
 
 
 _THREAD_LOCKS = _ThreadLocks()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_THREAD_LOCKS.reset)
 
 
 class PathLock:
@@ -182,38 +196,36 @@ class PathLock:
                     errno=exc.errno,
                 ) from exc
             try:
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if not blocking:
-                            os.close(fd)
-                            return None
-                    # Another process holds it: poll, staying responsive to cancel.
+                locked = _try_flock(fd)
+                # Poll while another process holds it, but only as long as the file is
+                # still the one at the path: a holder removes it before releasing, and
+                # a forked child of that holder may keep the old lock alive.
+                while not locked and blocking and self._same_file(fd):
                     self._check_cancel()
                     if self._cancel is not None:
                         self._cancel.wait(delay)
                     else:
                         threading.Event().wait(delay)
                     delay = min(delay * 2, _POLL_MAX)
-                # Holders unlink the lock file before releasing it: the file we locked
-                # must still be the one at the path (an inode comparison; st_nlink
-                # would be fooled by NFS's silly-rename), else start over.
-                held = os.fstat(fd)
-                try:
-                    current = os.stat(self._path)
-                except FileNotFoundError:
-                    current = None
+                    locked = _try_flock(fd)
+                # The file we locked must still be the one at the path (an inode
+                # comparison; st_nlink would be fooled by NFS's silly-rename).
+                if locked and self._same_file(fd):
+                    return fd
             except BaseException:
                 os.close(fd)
                 raise
-            if current is not None and (current.st_dev, current.st_ino) == (
-                held.st_dev,
-                held.st_ino,
-            ):
-                return fd
             os.close(fd)
+            if not locked and not blocking:
+                return None
+
+    def _same_file(self, fd: int) -> bool:
+        held = os.fstat(fd)
+        try:
+            current = os.stat(self._path)
+        except FileNotFoundError:
+            return False
+        return (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
 
     def release(self) -> None:
         """Release the lock and remove the lock file."""
