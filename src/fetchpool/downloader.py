@@ -71,6 +71,9 @@ class _Task:
     origin: str
     path: Path
     caller_named: bool
+    #: The URL as messages show it (no user-info), and what messages must not show.
+    shown: str
+    secrets: tuple[str, ...]
     #: Every claim taken for this task (derived and Content-Disposition names too).
     claimed: list[Path] = field(default_factory=list)
 
@@ -364,19 +367,20 @@ class Downloader:
     def _prepare(self, url: object, filename: str | os.PathLike[str] | None) -> _Task:
         valid = validate_url(url)
         origin = origin_url(valid)
+        shown = redact_url(valid)
+        secrets = secrets_of(valid, self._opts.headers)
         if filename is not None:
             relative = check_relative_filename(filename, valid)
             path = self.dest.joinpath(*relative.parts)
             if not self._claims.caller_name(path, origin):
-                shown = redact_url(valid)
                 raise UnsafeFilenameError(
                     f"filename {str(relative)!r} is already used by another URL in this run "
                     f"({shown})",
                     url=shown,
                 )
-            return _Task(valid, origin, path, caller_named=True, claimed=[path])
+            return _Task(valid, origin, path, True, shown, secrets, claimed=[path])
         path = self._claims.url_name(self.dest, name_from_url(valid), valid, origin)
-        return _Task(valid, origin, path, caller_named=False, claimed=[path])
+        return _Task(valid, origin, path, False, shown, secrets, claimed=[path])
 
     # -- the worker -------------------------------------------------------------------
 
@@ -400,15 +404,14 @@ class Downloader:
         except FetchError as exc:
             result = self._failed(task, exc, attempts[0], start)
         except Cancelled:
-            shown = redact_url(task.url)
+            shown = task.shown
             cancelled = TransferError(f"download of {shown} cancelled", url=shown, retryable=False)
             result = self._failed(task, cancelled, attempts[0], start)
         except Exception as exc:
             # A bug here must not lose the URL: it becomes that URL's failure.
-            log.exception("internal error while downloading %s", redact_url(task.url))
-            shown = redact_url(task.url)
-            text = scrub(repr(exc), secrets_of(task.url, self._opts.headers))
-            error = FetchError(f"internal error downloading {shown}: {text}", url=shown)
+            log.exception("internal error while downloading %s", task.shown)
+            text = scrub(repr(exc), task.secrets)
+            error = FetchError(f"internal error downloading {task.shown}: {text}", url=task.shown)
             error.__cause__ = exc
             result = self._failed(task, error, attempts[0], start)
         finally:
@@ -459,7 +462,7 @@ class Downloader:
         parent = task.path.parent
         if parent == self.dest:
             return
-        shown = redact_url(task.url)
+        shown = task.shown
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -487,7 +490,7 @@ class Downloader:
 
         Returns the held lock and the path to write, or no lock and the outcome.
         """
-        shown = redact_url(task.url)
+        shown = task.shown
         may_derive = not task.caller_named
         while True:
             lock = PathLock(
@@ -528,7 +531,7 @@ class Downloader:
     def _with_retries(
         self, task: _Task, path: Path | None, attempts: list[int], start: float
     ) -> _Outcome:
-        shown = redact_url(task.url)
+        shown = task.shown
 
         def attempt(number: int, time_left: float) -> _Outcome:
             attempts[0] = number
@@ -543,7 +546,7 @@ class Downloader:
         )
 
     def _attempt(self, task: _Task, path: Path | None, time_left: float) -> _Outcome:
-        shown = redact_url(task.url)
+        shown = task.shown
         if self._cancel.is_set():
             raise Cancelled
         if time_left <= 0:
@@ -559,6 +562,7 @@ class Downloader:
                 timeout=self._opts.timeout,
                 allow_downgrade=self._opts.allow_downgrade,
                 guard=guard,
+                secrets=task.secrets,
                 env_cache=self._local.env_cache,
             )
             try:
@@ -586,9 +590,8 @@ class Downloader:
         return path
 
     def _receive(self, task: _Task, path: Path, resp: requests.Response, guard: Guard) -> _Outcome:
-        shown = redact_url(task.url)
-        secrets = secrets_of(task.url, self._opts.headers)
-        body = Body(resp, task.url, self._opts.max_bytes, guard, secrets)
+        shown = task.shown
+        body = Body(resp, task.url, self._opts.max_bytes, guard, task.secrets)
         content_type = resp.headers.get("Content-Type")
         chunks = body.chunks()
         head = b""
@@ -612,7 +615,7 @@ class Downloader:
         body: Body,
         content_type: str | None,
     ) -> _Outcome:
-        tmp = TempFile(path.parent, lock_key(path), redact_url(task.url))
+        tmp = TempFile(path.parent, lock_key(path), task.shown)
         try:
             if head:
                 tmp.write(head)

@@ -32,7 +32,7 @@ from .errors import (
     TooLargeError,
     TransferError,
 )
-from .naming import is_sensitive_header, redact_url, scrub, secrets_of, split_userinfo
+from .naming import is_sensitive_header, redact_url, scrub, split_userinfo
 from .retry import parse_retry_after
 
 __all__ = ["CHUNK_SIZE", "MAX_REDIRECTS", "Body", "open_response", "prepare_session"]
@@ -225,11 +225,13 @@ def open_response(
     timeout: tuple[float, float],
     allow_downgrade: bool,
     guard: Guard | None,
+    secrets: tuple[str, ...],
     env_cache: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> requests.Response:
     """Send GET for ``url``, following up to 10 redirects, and return the 2xx response.
 
     The response is streamed: its body is unread. The caller must close it.
+    ``secrets`` (from :func:`~fetchpool.naming.secrets_of`) are kept out of messages.
     ``env_cache`` (one per session) keeps the proxy and CA settings that ``requests``
     would otherwise read from the environment on every request.
 
@@ -240,7 +242,6 @@ def open_response(
         InvalidURL: ``requests`` rejected the URL.
     """
     shown = redact_url(url)
-    secrets = secrets_of(url, headers)
     # Credentials in the URL travel as an Authorization header that is dropped on a
     # cross-origin hop, and the URL itself then holds no secret to leak.
     current, auth = split_userinfo(url)
