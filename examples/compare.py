@@ -11,10 +11,11 @@ fresh directory:
 3. ``fetchpool.download_all``.
 
 It starts ``fetchpool.testing.ImageServer`` itself (real HTTP on 127.0.0.1, no internet),
-with per-request latency, images of realistic sizes, URLs whose basenames collide and a few
-that fail once with 503. Every file is checked against the server's sha256.
+with per-request latency, images of realistic sizes, three groups of URLs whose basenames
+collide (``/a/cat.jpg`` and ``/b/cat.jpg``, ...) and four that fail once with 503. Every file
+is checked against the server's sha256.
 
-    python examples/compare.py [--n 100] [--latency-ms 100] [--workers 16]
+    python examples/compare.py [--n 100] [--latency-ms 100] [--workers 16] [--chart out.png]
     python examples/compare.py --urls urls.txt     # real URLs: same table, no verification
 """
 
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import requests
 
@@ -37,6 +39,9 @@ from fetchpool import RetryPolicy, download_all
 from fetchpool.testing import ImageServer
 
 FLAKY = 4  # URLs that answer 503 once, then the image
+# Besides the corpus's /a/cat.jpg and /b/cat.jpg: more URLs that share a basename.
+COLLIDING = ("/any/2023/photo.png", "/any/2024/photo.png", "/any/icons/logo.gif", "/any/logo.gif")
+MISSING_MATPLOTLIB = "--chart needs matplotlib: pip install 'fetchpool[examples]'"
 
 
 @dataclass
@@ -120,17 +125,33 @@ def print_table(rows: list[Row], ideal: float | None, n: int) -> None:
         )
 
 
-def draw_chart(rows: list[Row], out: Path) -> None:
+def load_pyplot() -> ModuleType | None:
+    """Return ``matplotlib.pyplot`` on a file-only backend, or None if it is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("--chart needs matplotlib: pip install 'fetchpool[examples]'")
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.barh([r.approach for r in rows], [r.seconds for r in rows], color="#4c72b0")
+        return None
+    return plt
+
+
+def draw_chart(plt: ModuleType, rows: list[Row], ideal: float | None, n: int, out: Path) -> None:
+    """Draw the seconds of each approach as bars, labelled with the files it got right."""
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    bars = ax.barh([r.approach for r in rows], [r.seconds for r in rows], color="#4c72b0")
+    labels = [
+        f" {r.seconds:.2f} s" + ("" if r.ok is None else f", {r.ok}/{n} correct") for r in rows
+    ]
+    white = {"facecolor": "white", "edgecolor": "none", "pad": 1}
+    ax.bar_label(bars, labels=labels, fontsize=9, padding=2, bbox=white)
+    if ideal:
+        label = f"ideal ({ideal:.2f} s)"
+        ax.axvline(ideal, color="#c44e52", linestyle="--", linewidth=1, label=label, zorder=0)
+        ax.legend(loc="lower right")
     ax.set_xlabel("seconds (lower is better)")
+    ax.set_xlim(0, max(r.seconds for r in rows) * 1.35)
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -138,7 +159,7 @@ def draw_chart(rows: list[Row], out: Path) -> None:
 
 
 def run(urls: list[str], workers: int, expected: Callable[[str], str] | None) -> list[Row]:
-    rows = []
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fetchpool-compare-") as tmp:
         root = Path(tmp)
 
@@ -186,8 +207,13 @@ def main() -> int:
     parser.add_argument("--urls", type=Path, help="a file of real URLs, one per line")
     parser.add_argument("--chart", type=Path, help="draw the comparison to this PNG")
     args = parser.parse_args()
-    if args.n < 8:
-        parser.error("--n must be at least 8")
+    minimum = 8 + FLAKY + len(COLLIDING)  # the corpus has its colliding cats from 8 images
+    if args.n < minimum:
+        parser.error(f"--n must be at least {minimum}")
+    plt = load_pyplot() if args.chart else None
+    if args.chart and plt is None:
+        # Said up front, before a run of several seconds; the table is printed anyway.
+        print(f"compare.py: {MISSING_MATPLOTLIB}", file=sys.stderr)
 
     if args.urls:
         urls = [
@@ -199,9 +225,12 @@ def main() -> int:
         ideal = None
     else:
         latency = args.latency_ms / 1000
-        with ImageServer(n_images=args.n - FLAKY, latency=latency) as server:
-            urls = list(server.urls) + [
-                server.url(f"/fail/1/503/flaky{i}.png?run=") for i in range(FLAKY)
+        n_images = args.n - FLAKY - len(COLLIDING)
+        with ImageServer(n_images=n_images, latency=latency) as server:
+            urls = [
+                *server.urls,
+                *(server.url(path) for path in COLLIDING),
+                *(server.url(f"/fail/1/503/flaky{i}.png?run=") for i in range(FLAKY)),
             ]
 
             def expected(url: str) -> str:
@@ -211,8 +240,8 @@ def main() -> int:
         ideal = math.ceil(len(urls) / args.workers) * latency
 
     print_table(rows, ideal, len(urls))
-    if args.chart:
-        draw_chart(rows, args.chart)
+    if args.chart and plt is not None:
+        draw_chart(plt, rows, ideal, len(urls), args.chart)
     by = {r.approach: r for r in rows}
     seq, thr = by["sequential"], by["naive threads (joined)"]
     fp = rows[-1]
@@ -223,6 +252,9 @@ def main() -> int:
         f"fetchpool={fp.seconds:.3f} ideal={ideal if ideal is None else round(ideal, 3)} "
         f"fetchpool_vs_ideal={ratio} files_ok={ok}"
     )
+    if args.chart and plt is None:
+        print(f"compare.py: no chart drawn: {MISSING_MATPLOTLIB}", file=sys.stderr)
+        return 1
     return 0 if fp.ok in (None, len(urls)) else 1
 
 
