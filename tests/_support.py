@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from fetchpool.storage import LOCK_FILE_NAME
 
 #: A small but valid-looking PNG body (the sniffer only needs the signature).
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
@@ -18,3 +24,53 @@ def listing(directory: Path) -> list[str]:
         for root, dirs, files in os.walk(directory)
         for name in dirs + files
     )
+
+
+def held_locks(directory: Path) -> int:
+    """How many per-file locks any process holds in ``directory`` (from /proc/locks)."""
+    try:
+        inode = str(os.stat(directory / LOCK_FILE_NAME).st_ino)
+    except FileNotFoundError:
+        return 0
+    count = 0
+    with open("/proc/locks", encoding="ascii") as f:
+        for line in f:
+            # "1: POSIX  ADVISORY  WRITE <pid> <maj>:<min>:<inode> <start> <end>";
+            # a blocked waiter's line has "->" after the number.
+            fields = line.split()
+            if fields[1] == "POSIX" and fields[5].rsplit(":", 1)[-1] == inode:
+                count += 1
+    return count
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(directory: Path, name: str) -> Iterator[Callable[[], None]]:
+    """Hold the lock of ``directory / name`` in another process; yield its release."""
+    code = (
+        "import sys; from pathlib import Path; "
+        "from fetchpool.storage import PathLock, lock_key; "
+        "d = Path(sys.argv[1]); lock = PathLock(d, lock_key(d / sys.argv[2])); "
+        "lock.acquire(); print('held', flush=True); sys.stdin.read(); lock.release()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(directory), name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    try:
+        if stdout.readline().strip() != "held":  # pragma: no cover - only on breakage
+            raise AssertionError("the lock holder did not start")
+        yield stdin.close
+    finally:
+        stdin.close()
+        try:
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:  # pragma: no cover - only on breakage
+                proc.kill()
+                proc.wait()
+            stdout.close()

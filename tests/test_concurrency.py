@@ -38,8 +38,9 @@ from typing import Any
 
 import pytest
 
-from _support import listing
+from _support import held_locks, listing
 from fetchpool import Downloader, DownloadResult, TransferError, download_all
+from fetchpool.storage import LOCK_FILE_NAME
 from fetchpool.testing import ImageServer, make_image
 
 TESTS = Path(__file__).resolve().parent
@@ -74,7 +75,7 @@ def temp_files(directory: Path) -> list[str]:
 
 def lock_files(directory: Path) -> list[str]:
     return sorted(
-        n for n in os.listdir(directory) if n.startswith(RESERVED) and n.endswith(".lock")
+        n for n in os.listdir(directory) if n.startswith(RESERVED) and not n.endswith(".part")
     )
 
 
@@ -437,11 +438,11 @@ def test_sigkill_mid_download_then_rerun_sweeps_leftovers(
             lambda: (
                 len(sizes := temp_sizes(dest)) == len(big)
                 and min(sizes) > 0
-                and len(lock_files(dest)) == len(big) + len(held)
+                and held_locks(dest) == len(big) + len(held)
                 and len(final_files(dest)) == len(fast)
             ),
             30,
-            "every worker mid-transfer (4 temp files with data, 8 lock files, 40 final files)",
+            "every worker mid-transfer (4 temp files with data, 8 locks held, 40 final files)",
         )
         child.proc.send_signal(signal.SIGKILL)
         assert child.wait(10) == -signal.SIGKILL
@@ -452,7 +453,9 @@ def test_sigkill_mid_download_then_rerun_sweeps_leftovers(
     leftovers = temp_files(dest)
     assert len(leftovers) == len(big)
     assert all(0 < (dest / n).stat().st_size < _BIG_SIZE for n in leftovers)
-    assert len(lock_files(dest)) == len(big) + len(held)
+    # Its lock file too, but the kernel released every lock the dead process held in it.
+    assert lock_files(dest) == [LOCK_FILE_NAME]
+    assert held_locks(dest) == 0
     for name in final_files(dest):
         assert name in expected, f"unexpected file {name}"
         assert (dest / name).read_bytes() == expected[name], f"{name} is partial"
@@ -552,7 +555,7 @@ def test_close_cancel_stops_in_flight_and_cancels_pending(
         in_flight = [dl.submit(u) for u in in_flight_urls]
         pending = [dl.submit(u) for u in pending_urls]
         wait_for(
-            lambda: len(temp_files(dest)) == 4 and len(lock_files(dest)) == 16,
+            lambda: len(temp_files(dest)) == 4 and held_locks(dest) == 16,
             20,
             lambda: f"16 transfers in flight, 4 with a temp file: {listing(dest)}",
         )
@@ -582,7 +585,7 @@ def test_exception_in_with_block_cancels(
             in_flight.extend(dl.submit(u) for u in in_flight_urls)
             pending.extend(dl.submit(u) for u in pending_urls)
             wait_for(
-                lambda: len(temp_files(dest)) == 4 and len(lock_files(dest)) == 16,
+                lambda: len(temp_files(dest)) == 4 and held_locks(dest) == 16,
                 20,
                 lambda: f"16 transfers in flight: {listing(dest)}",
             )
@@ -606,7 +609,7 @@ def test_close_cancel_cancels_pending_even_when_a_worker_frees_first(
     try:
         in_flight = [dl.submit(server.url(f"/slow/s{i}.png?delay=30")) for i in range(2)]
         pending = [dl.submit(server.url(f"/any/c/pending{i}.png")) for i in range(4)]
-        wait_for(lambda: len(lock_files(dest)) == 2, 10, "2 transfers in flight")
+        wait_for(lambda: held_locks(dest) == 2, 10, "2 transfers in flight")
 
         # Regression (found by this test): close(cancel=True) fired the cancel, then
         # cancelled the executor's queue, so a worker freed in between took a pending

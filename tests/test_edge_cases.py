@@ -16,7 +16,7 @@ import pytest
 import requests
 import responses
 
-from _support import JPEG, PNG, listing
+from _support import JPEG, PNG, listing, lock_held_elsewhere
 from fetchpool import (
     Downloader,
     DownloadResult,
@@ -254,47 +254,31 @@ def test_budget_cut_is_named_as_such(dest: Path) -> None:
 
 
 def test_waiting_for_another_writer_is_bounded(rs: responses.RequestsMock, dest: Path) -> None:
-    import fcntl
-
-    from fetchpool.storage import lock_key
-
     rs.get(f"{B}/held.png", body=PNG)
     # Another process's writer, stopped while holding the lock of held.png.
-    holder = os.open(
-        dest / f".fetchpool-{lock_key(dest / 'held.png')}.lock", os.O_RDWR | os.O_CREAT
-    )
-    try:
-        fcntl.flock(holder, fcntl.LOCK_EX)
+    with lock_held_elsewhere(dest, "held.png"):
         start = time.monotonic()
         (r,) = download_all([f"{B}/held.png"], dest, retry=RetryPolicy(budget=0.5))
         elapsed = time.monotonic() - start
-    finally:
-        os.close(holder)
     assert isinstance(r.error, StorageError)
     assert "another writer" in str(r.error)
     assert elapsed < 5
     assert not (dest / "held.png").exists()
+    assert listing(dest) == []
 
 
 def test_the_budget_counts_the_wait_for_the_lock(dest: Path) -> None:
-    import fcntl
-
-    from fetchpool.storage import lock_key
-
     with ImageServer(n_images=8) as server:
         url = server.url("/slow/late.png?delay=2")
-        holder = os.open(
-            dest / f".fetchpool-{lock_key(dest / 'late.png')}.lock", os.O_RDWR | os.O_CREAT
-        )
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        timer = threading.Timer(0.8, os.close, (holder,))
-        timer.start()
-        try:
-            start = time.monotonic()
-            (r,) = download_all([url], dest, retry=RetryPolicy(attempts=1, budget=1.0))
-            elapsed = time.monotonic() - start
-        finally:
-            timer.join()
+        with lock_held_elsewhere(dest, "late.png") as release:
+            timer = threading.Timer(0.8, release)
+            timer.start()
+            try:
+                start = time.monotonic()
+                (r,) = download_all([url], dest, retry=RetryPolicy(attempts=1, budget=1.0))
+                elapsed = time.monotonic() - start
+            finally:
+                timer.join()
     assert isinstance(r.error, TransferError)
     assert "budget" in str(r.error)
     assert elapsed < 1.6, elapsed
@@ -364,7 +348,7 @@ def test_a_forked_child_can_take_a_lock_its_parent_held_at_fork(tmp_path: Path) 
     held = PathLock(tmp_path, "k" * 20)
     held.acquire()
     # Forked while this process holds the lock: the child inherits the in-process lock
-    # (locked) and the flock's open file description.
+    # (locked) and the open lock file, but not the record lock.
     proc = multiprocessing.get_context("fork").Process(target=child)
     proc.start()
     try:

@@ -49,7 +49,7 @@ from fetchpool import (
     UnsafeFilenameError,
     download_all,
 )
-from fetchpool.storage import ORIGIN_XATTR, lock_key
+from fetchpool.storage import LOCK_FILE_NAME, ORIGIN_XATTR, lock_key
 from fetchpool.testing import ImageServer
 
 MiB = 1024 * 1024
@@ -1108,7 +1108,7 @@ def test_leftovers_of_dead_writers_are_swept(server: ImageServer, dest: Path) ->
     other_key = lock_key(dest / "never-downloaded.png")
     stale = [
         f".fetchpool-{key}-0123456789ab.part",
-        f".fetchpool-{key}.lock",
+        LOCK_FILE_NAME,  # a killed process's lock file
         f".fetchpool-{other_key}-ba9876543210.part",
     ]
     for n in stale:

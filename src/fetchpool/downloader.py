@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,7 +51,16 @@ from .options import (
 from .results import DownloadResult, ProgressEvent, ProgressState
 from .retry import CLOCK, RetryPolicy, call_with_retries
 from .sniff import SNIFF_BYTES, sniff_image
-from .storage import Cancelled, PathLock, TempFile, inspect_target, lock_key, supports_xattrs, sweep
+from .storage import (
+    Cancelled,
+    PathLock,
+    Pins,
+    TempFile,
+    inspect_target,
+    lock_key,
+    supports_xattrs,
+    sweep,
+)
 from .transfer import Body, default_session, open_response, prepare_session
 
 if TYPE_CHECKING:
@@ -240,6 +250,10 @@ class Downloader:
         self._sessions_lock = threading.Lock()
         self._swept: set[Path] = set()
         self._swept_lock = threading.Lock()
+        # Lock files stay open while this Downloader lives; also released if it is
+        # dropped without close(), at the latest when the interpreter exits.
+        self._pins = Pins()
+        weakref.finalize(self, self._pins.release)
         self._closed = False
         self._closing = False
         self._cancelled_urls: deque[str] = deque()
@@ -348,6 +362,7 @@ class Downloader:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
+        self._pins.release()
         if self._bar is not None:
             self._bar.close()
 
@@ -481,6 +496,7 @@ class Downloader:
             if directory in self._swept:
                 return
             self._swept.add(directory)
+            self._pins.add(directory)
         removed = sweep(directory)
         if removed:
             log.info("removed %d leftover temporary file(s) in %s", removed, directory)

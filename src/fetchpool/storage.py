@@ -2,14 +2,20 @@
 
 DESIGN rules 1 and 2: bytes stream into a temporary file in the target's directory
 and reach the final name only through ``os.replace``; one writer at a time per final
-path, across threads (an in-process lock) and processes (``flock`` on a lock file).
-Lock and temporary files are named ``.fetchpool-<key>.lock`` and
-``.fetchpool-<key>-<random>.part`` where ``<key>`` is derived from the final name; a
-temporary file only exists while its writer holds the lock of the same key, so
-:func:`sweep` can tell a dead writer's leftovers from live ones with no guessing
-about process ids or ages.
+path, across threads (an in-process lock) and processes (a POSIX record lock).
 
-POSIX only (``fcntl.flock``).
+Every key (derived from the final name) has one byte of ``.fetchpool-locks``, the
+directory's shared lock file, at an offset given by the key. One file per directory,
+kept open while the process uses it, instead of a lock file created and removed per
+download: those were journaled directory operations that concurrent writers contend
+for, and they cost more than everything else fetchpool adds to a transfer. The file is
+removed when the last user in the last process is done (see :class:`Pins`).
+
+Temporary files are named ``.fetchpool-<key>-<random>.part`` and only exist while their
+writer holds the key's lock, so :func:`sweep` can tell a dead writer's leftovers from
+live ones with no guessing about process ids or ages.
+
+POSIX only (``fcntl.lockf``).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from .errors import StorageError
 from .naming import RESERVED_PREFIX
 
 __all__ = [
+    "LOCK_FILE_NAME",
     "ORIGIN_XATTR",
     "Existing",
     "PathLock",
+    "Pins",
     "TempFile",
     "inspect_target",
     "lock_key",
@@ -44,7 +52,8 @@ __all__ = [
 
 #: The freedesktop attribute that records where a file came from (wget --xattr, browsers).
 ORIGIN_XATTR: Final = "user.xdg.origin.url"
-_LOCK_SUFFIX = ".lock"
+#: The shared lock file of a directory (a reserved name: no download can take it).
+LOCK_FILE_NAME: Final = f"{RESERVED_PREFIX}locks"
 _PART_SUFFIX = ".part"
 _POLL_MIN = 0.002
 _POLL_MAX = 0.05
@@ -59,20 +68,39 @@ def lock_key(final: Path) -> str:
     return hashlib.sha256(os.fsencode(final.name)).hexdigest()[:20]
 
 
-def _lock_path(directory: Path, key: str) -> Path:
-    return directory / f"{RESERVED_PREFIX}{key}{_LOCK_SUFFIX}"
+def _offset(key: str) -> int:
+    # 60 bits of a hash of the key: two names sharing a byte is as unlikely as a hash
+    # collision, and the offset stays far inside off_t.
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
-def _try_flock(fd: int) -> bool:
+def _try_lock(fd: int, offset: int, length: int = 1) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, offset)
+    except OSError as exc:
+        # EACCES is what some systems return instead of EAGAIN for a held lock.
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
     return True
 
 
+def _unlock(fd: int, offset: int, length: int = 1) -> None:
+    fcntl.lockf(fd, fcntl.LOCK_UN, length, offset)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (inodes; st_nlink lies on NFS)."""
+    held = os.fstat(fd)
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+
+
 class _ThreadLocks:
-    """Refcounted in-process locks by key, so threads queue without polling flock."""
+    """Refcounted in-process locks by key, so threads queue without polling the file."""
 
     def __init__(self) -> None:
         self.reset()
@@ -99,17 +127,145 @@ class _ThreadLocks:
                 self._locks[key] = (lock, count - 1)
 
 
+class _LockFile:
+    """A directory's lock file as this process has it open."""
+
+    __slots__ = ("fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+
+
+class _LockFiles:
+    """The process's open lock files, one per directory, shared by all its key locks.
+
+    POSIX record locks belong to the process, and closing *any* descriptor of a file
+    drops all of the process's locks on it: so a directory's file is opened once and
+    closed only when no thread uses it. A file is removed from the directory when its
+    last user here leaves, nobody pins the directory, and no other process holds any
+    lock in it (a whole-file lock proves that); a process that opened it meanwhile
+    finds it unlinked after locking and starts over with a new one.
+    """
+
+    def __init__(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        self._mutex = threading.Lock()
+        self._open: dict[str, _LockFile] = {}
+        self._pins: dict[str, int] = {}
+
+    def reset(self) -> None:
+        """Forget the parent's files in a forked child (its locks were not inherited)."""
+        for entry in self._open.values():
+            with contextlib.suppress(OSError):
+                os.close(entry.fd)
+        self._start()
+
+    def checkout(self, path: str) -> _LockFile:
+        """Return the open lock file at ``path``, opening (creating) it if needed.
+
+        Raises:
+            OSError: it cannot be created.
+        """
+        with self._mutex:
+            entry = self._open.get(path)
+            if entry is None:
+                entry = _LockFile(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666))
+                self._open[path] = entry
+            entry.users += 1
+            return entry
+
+    def checkin(self, path: str, entry: _LockFile, *, stale: bool = False) -> None:
+        """Stop using ``entry``; ``stale``: it is no longer the file at ``path``."""
+        with self._mutex:
+            entry.users -= 1
+            current = self._open.get(path) is entry
+            if stale and current:
+                del self._open[path]
+                current = False
+            if entry.users > 0 or (current and self._pins.get(path, 0) > 0):
+                return
+            if current:
+                del self._open[path]
+                _remove_if_unused(path, entry.fd)
+            os.close(entry.fd)
+
+    def pin(self, path: str) -> None:
+        with self._mutex:
+            self._pins[path] = self._pins.get(path, 0) + 1
+
+    def unpin(self, path: str) -> None:
+        with self._mutex:
+            count = self._pins.pop(path, 0) - 1
+            if count > 0:
+                self._pins[path] = count
+                return
+            entry = self._open.get(path)
+            if entry is not None and entry.users > 0:
+                return
+            if entry is not None:
+                del self._open[path]
+                fd = entry.fd
+            else:
+                # A file left by a killed process: opening a second descriptor is safe
+                # here only because no lock of this process is in it.
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except OSError:
+                    return
+            _remove_if_unused(path, fd)
+            os.close(fd)
+
+
+def _remove_if_unused(path: str, fd: int) -> None:
+    # Called with no lock of this process in the file, so a whole-file lock succeeds
+    # only if no other process holds one either.
+    with contextlib.suppress(OSError):
+        if _try_lock(fd, 0, 0) and _same_file(fd, path):
+            os.unlink(path)
+
+
 _THREAD_LOCKS = _ThreadLocks()
+_LOCK_FILES = _LockFiles()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_THREAD_LOCKS.reset)
+    os.register_at_fork(after_in_child=_LOCK_FILES.reset)
+
+
+def _lock_file_path(directory: Path) -> str:
+    return os.path.join(os.path.abspath(directory), LOCK_FILE_NAME)
+
+
+class Pins:
+    """Directories whose lock files stay open until :meth:`release` (a Downloader's).
+
+    Without a pin, a directory's lock file is removed whenever its last lock is
+    released, to be created again by the next one.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._paths: list[str] = []
+
+    def add(self, directory: Path) -> None:
+        """Pin ``directory`` until :meth:`release`."""
+        path = _lock_file_path(directory)
+        with self._mutex:
+            _LOCK_FILES.pin(path)
+            self._paths.append(path)
+
+    def release(self) -> None:
+        """Unpin everything (idempotent); lock files nobody uses any more are removed."""
+        with self._mutex:
+            paths, self._paths = self._paths, []
+        for path in paths:
+            _LOCK_FILES.unpin(path)
 
 
 class PathLock:
     """One writer at a time for a final path, across threads and processes.
-
-    The lock file is removed on release; a waiter that locked a file which was
-    removed meanwhile notices (it is no longer linked) and starts over, so two
-    holders can never coexist.
 
     Args:
         directory: the directory of the final path.
@@ -130,13 +286,14 @@ class PathLock:
     ) -> None:
         self.directory = directory
         self.key = key
-        self._path = _lock_path(directory, key)
-        self._tkey = f"{os.path.abspath(directory)}\0{key}"
+        self._path = _lock_file_path(directory)
+        self._offset = _offset(key)
+        self._tkey = f"{self._path}\0{key}"
         self._cancel = cancel
         self._url = url
         self._timeout = timeout
         self._give_up = float("inf")
-        self._fd: int | None = None
+        self._entry: _LockFile | None = None
         self._tlock: threading.Lock | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
@@ -161,16 +318,16 @@ class PathLock:
             _THREAD_LOCKS.put(self._tkey)
             raise
         try:
-            fd = self._acquire_file(blocking)
+            entry = self._acquire_file(blocking)
         except BaseException:
             tlock.release()
             _THREAD_LOCKS.put(self._tkey)
             raise
-        if fd is None:
+        if entry is None:
             tlock.release()
             _THREAD_LOCKS.put(self._tkey)
             return False
-        self._fd = fd
+        self._entry = entry
         self._tlock = tlock
         return True
 
@@ -184,57 +341,57 @@ class PathLock:
                 url=self._url,
             )
 
-    def _acquire_file(self, blocking: bool) -> int | None:
+    def _wait(self, delay: float) -> None:
+        self._check_cancel()
+        if self._cancel is not None:
+            self._cancel.wait(delay)
+        else:
+            threading.Event().wait(delay)
+
+    def _acquire_file(self, blocking: bool) -> _LockFile | None:
         delay = _POLL_MIN
         while True:
             try:
-                fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+                entry = _LOCK_FILES.checkout(self._path)
             except OSError as exc:
                 raise StorageError(
                     f"cannot create lock file in {self.directory}: {exc}",
                     url=self._url,
                     errno=exc.errno,
                 ) from exc
+            locked = False
             try:
-                locked = _try_flock(fd)
+                locked = _try_lock(entry.fd, self._offset)
                 # Poll while another process holds it, but only as long as the file is
-                # still the one at the path: a holder removes it before releasing, and
-                # a forked child of that holder may keep the old lock alive.
-                while not locked and blocking and self._same_file(fd):
-                    self._check_cancel()
-                    if self._cancel is not None:
-                        self._cancel.wait(delay)
-                    else:
-                        threading.Event().wait(delay)
+                # still the one at the path: the last user removes it.
+                while not locked and blocking and _same_file(entry.fd, self._path):
+                    self._wait(delay)
                     delay = min(delay * 2, _POLL_MAX)
-                    locked = _try_flock(fd)
-                # The file we locked must still be the one at the path (an inode
-                # comparison; st_nlink would be fooled by NFS's silly-rename).
-                if locked and self._same_file(fd):
-                    return fd
+                    locked = _try_lock(entry.fd, self._offset)
+                # The file we locked must still be the one at the path.
+                current = _same_file(entry.fd, self._path)
+                if locked and current:
+                    return entry
+                if locked:
+                    _unlock(entry.fd, self._offset)
             except BaseException:
-                os.close(fd)
+                if locked:
+                    with contextlib.suppress(OSError):
+                        _unlock(entry.fd, self._offset)
+                _LOCK_FILES.checkin(self._path, entry)
                 raise
-            os.close(fd)
-            if not locked and not blocking:
+            _LOCK_FILES.checkin(self._path, entry, stale=not current)
+            if not locked and not blocking and current:
                 return None
 
-    def _same_file(self, fd: int) -> bool:
-        held = os.fstat(fd)
-        try:
-            current = os.stat(self._path)
-        except FileNotFoundError:
-            return False
-        return (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
-
     def release(self) -> None:
-        """Release the lock and remove the lock file."""
-        fd, tlock = self._fd, self._tlock
-        self._fd = self._tlock = None
-        if fd is not None:
+        """Release the lock."""
+        entry, tlock = self._entry, self._tlock
+        self._entry = self._tlock = None
+        if entry is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self._path)
-            os.close(fd)
+                _unlock(entry.fd, self._offset)
+            _LOCK_FILES.checkin(self._path, entry)
         if tlock is not None:
             tlock.release()
             _THREAD_LOCKS.put(self._tkey)
@@ -423,14 +580,12 @@ def _reserved_entries(directory: Path) -> Iterator[tuple[str, str]]:
         if not name.startswith(RESERVED_PREFIX):
             continue
         body = name[len(RESERVED_PREFIX) :]
-        if name.endswith(_LOCK_SUFFIX):
-            yield body[: -len(_LOCK_SUFFIX)], name
-        elif name.endswith(_PART_SUFFIX):
+        if name.endswith(_PART_SUFFIX):
             yield body[: -len(_PART_SUFFIX)].rpartition("-")[0], name
 
 
 def sweep(directory: Path) -> int:
-    """Remove the temporary and lock files of dead writers in ``directory``.
+    """Remove the temporary files of dead writers in ``directory``.
 
     A temporary file exists only while its writer holds the lock of its key, so one
     whose lock can be taken belongs to a writer that died (SIGKILL, power loss).
@@ -457,6 +612,5 @@ def sweep(directory: Path) -> int:
                         os.unlink(directory / name)
                         removed += 1
         finally:
-            # Releasing removes the (stale) lock file too.
             lock.release()
     return removed
