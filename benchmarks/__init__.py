@@ -1,0 +1,1 @@
+"""fetchpool's benchmark harness (issue 4): ``python -m benchmarks --help``."""

@@ -1,0 +1,108 @@
+"""``python -m benchmarks``: run the issue-4 benchmark scenarios and write the report.
+
+    python -m benchmarks                          # every scenario, --repeat 3
+    python -m benchmarks --scenario latency-bound --scenario cpu-bound
+    python -m benchmarks --quick --repeat 1       # small sizes, for development
+
+Writes ``results.md``, ``results.json``, ``results.png`` and ``profiles/`` into ``--out``
+(default ``benchmarks/results/``) and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.contestants import ALL_CONTESTANTS
+from benchmarks.harness import ScenarioResult, run_download_scenario, run_peak_rss
+from benchmarks.report import chart, machine, markdown
+from benchmarks.scenarios import NAMES, scenarios
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument(
+        "--scenario", action="append", choices=NAMES, help="run only these (repeatable)"
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (development)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per contestant (3)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    parser.add_argument(
+        "--contestants",
+        help=f"comma-separated subset of: {', '.join(ALL_CONTESTANTS)}",
+    )
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.contestants:
+        wanted = [c.strip() for c in args.contestants.split(",") if c.strip()]
+        unknown = sorted(set(wanted) - set(ALL_CONTESTANTS))
+        if unknown:
+            parser.error(f"unknown contestants: {', '.join(unknown)}")
+        args.contestants = wanted
+    else:
+        args.contestants = list(ALL_CONTESTANTS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen scenarios, write the outputs, print the markdown."""
+    args = parse_args(argv)
+    chosen = args.scenario or list(NAMES)
+    table = scenarios(args.quick)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    profile_dir = out / "profiles"
+    profiles = not args.no_profile and shutil.which("py-spy") is not None
+    if not args.no_profile and not profiles:
+        print("profiles skipped: py-spy not installed", file=sys.stderr)
+    results: list[ScenarioResult] = []
+    started = time.monotonic()
+    for name in chosen:
+        scenario = table[name]
+        print(f"== {scenario.title}", file=sys.stderr)
+        if name == "peak-rss":
+            results.append(run_peak_rss(scenario, args.repeat))
+        else:
+            profile = profiles and name in ("latency-bound", "cpu-bound")
+            results.append(
+                run_download_scenario(
+                    scenario,
+                    args.contestants,
+                    args.repeat,
+                    profile_dir=profile_dir if profile else None,
+                )
+            )
+    info = machine()
+    report = markdown(results, info, args.repeat)
+    note = None if args.no_chart else chart(results, out / "results.png")
+    if note:
+        report += f"\n{note}\n"
+    elif not args.no_chart:
+        report += "\n![benchmark chart](results.png)\n"
+    report += f"\nTotal harness time: {time.monotonic() - started:.0f} s.\n"
+    (out / "results.md").write_text(report)
+    data = {
+        "machine": info,
+        "repeat": args.repeat,
+        "quick": args.quick,
+        "scenarios": {r.name: r.to_json() for r in results},
+    }
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Run one Python contestant in this (fresh) process and write its timing as JSON.
+
+``python -m benchmarks.child SPEC_JSON_FILE``. The spec names the contestant, the URL
+file, ``dest`` and ``workers``, and where to write the result: the seconds spent in the
+download call alone (interpreter start and imports excluded), failures reported by the
+contestant, and this process's peak RSS (``VmHWM``) and RSS before the call.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.contestants import RUNNERS, floor_buffer, map_urls, write_floor
+
+
+def memory_kib(field: str) -> int:
+    """Read a ``/proc/self/status`` field such as ``VmHWM`` in KiB (0 if unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_map(spec: dict[str, Any], dest: Path) -> tuple[float, int]:
+    """Drive ``Downloader.map()`` over a URL generator; return (seconds, failures)."""
+    from fetchpool import Downloader
+
+    failures = 0
+    urls = map_urls(spec["base"], spec["collection"], int(spec["count"]), spec["ext"])
+    with Downloader(dest, int(spec["workers"])) as dl:
+        start = time.perf_counter()
+        for result in dl.map(urls):
+            failures += not result.ok
+        seconds = time.perf_counter() - start
+    return seconds, failures
+
+
+def main(argv: list[str]) -> int:
+    """Entry point; see the module docstring."""
+    spec: dict[str, Any] = json.loads(Path(argv[0]).read_text())
+    dest = Path(spec["dest"])
+    name = spec["contestant"]
+    # Every contestant pays the same imports before the clock starts.
+    import requests  # noqa: F401
+
+    import fetchpool  # noqa: F401
+
+    if name == "parfive":
+        import parfive  # type: ignore[import-untyped]  # noqa: F401  (aiohttp's import time is not download time)
+
+    baseline = memory_kib("VmRSS")
+    if name == "fetchpool-map":
+        seconds, failures = run_map(spec, dest)
+    else:
+        urls = Path(spec["urls_file"]).read_text().split()
+        buffer = floor_buffer()
+        start = time.perf_counter()
+        if name == "write-floor":
+            failures = write_floor(list(spec["sizes"]), dest, int(spec["workers"]), buffer)
+        else:
+            failures = RUNNERS[name](urls, dest, int(spec["workers"]))
+        seconds = time.perf_counter() - start
+    result = {
+        "seconds": seconds,
+        "failures": failures,
+        "vmhwm_kib": memory_kib("VmHWM"),
+        "baseline_rss_kib": baseline,
+    }
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
