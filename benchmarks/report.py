@@ -44,13 +44,15 @@ def machine() -> dict[str, Any]:
         tools["parfive"] = str(parfive.__version__)
     except ImportError:
         pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    commit = ""
+    if shutil.which("git"):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
     import requests
 
     import fetchpool
