@@ -7,6 +7,7 @@ shape, and that fetchpool's files verify against the server's sha256.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_missing_tools_are_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks import contestants
 
-    monkeypatch.setattr(contestants.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert contestants.unavailable("wget2") == "wget2 not installed"
     assert contestants.unavailable("fetchpool") is None
 
