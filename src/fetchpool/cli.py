@@ -46,6 +46,8 @@ EXIT_INTERRUPTED: Final = 130
 
 #: Failures listed on stderr at the end (all of them are in the report).
 _SHOWN_FAILURES: Final = 10
+#: Seconds between two looks at the stop request while waiting for results.
+_POLL_INTERVAL: Final = 0.05
 #: Bytes asked of an input file per read.
 _READ_SIZE: Final = 64 * 1024
 #: The longest text of a bad input row quoted in its error message.
@@ -154,41 +156,43 @@ def _count(text: str) -> int:
 _DESCRIPTION = """\
 Download many files (first of all images) concurrently and safely.
 
-Every file is written to a temporary name and renamed when complete, so nothing partial
-ever carries a final name; URLs that share a basename get distinct, stable names; a file
-already present is skipped, so re-running the same command resumes a batch."""
+Every file is written to a temporary name and renamed when complete, so nothing
+partial ever carries a final name; URLs that share a basename get distinct,
+stable names; a file already present is skipped, so running the same command
+again resumes an interrupted batch."""
 
 _EPILOG = """\
 input:
-  URLs come from the arguments, then from each -i FILE in order. Input files are read
-  as they are downloaded (a file of millions of lines starts at once). Formats:
+  URLs come from the arguments, then from each -i FILE in order. Files are read
+  as the downloads go, so a file of millions of lines starts at once. Formats:
     lines  one URL per line; blank lines and lines starting with # are ignored
     csv    a header row with a "url" column and optionally a "filename" column
-           (a relative path inside DEST); without a header, the columns are url[,filename]
+           (a path relative to DEST); with no header, the columns are
+           url[,filename]
     tsv    the same, tab-separated
-    jsonl  one JSON object per line with "url" and optionally "filename" (also .ndjson)
-  The format follows the extension (.csv, .tsv, .jsonl, .ndjson; anything else is
-  lines) unless --format says otherwise; stdin (-) is lines unless --format says so.
+    jsonl  one JSON object per line with "url" and optionally "filename"
+  The format follows the extension (.csv, .tsv, .jsonl, .ndjson; anything else
+  is lines) unless --format says otherwise; stdin (-) is lines by default.
   A row that is not a URL becomes a failed result (InvalidURL), never a crash.
 
 report:
-  --report writes one JSON object per URL as it finishes (completion order), flushed
-  line by line: url (without user:password), path, status (downloaded, skipped or
-  failed), bytes, attempts, elapsed, content_type, error_type, error, and source (the
-  argument or FILE:LINE it came from).
+  --report writes one JSON object per URL as it finishes (completion order),
+  flushed line by line: url (without user:password), path, status (downloaded,
+  skipped or failed), bytes, attempts, elapsed, content_type, error_type,
+  error, and source (the argument or FILE:LINE it came from).
 
 exit status:
   0    every URL was downloaded or skipped
   1    at least one URL failed
   2    usage error: bad option, unreadable input file, DEST is not a directory
-  130  interrupted by Ctrl-C (143 for SIGTERM); a second Ctrl-C exits at once
+  130  interrupted by Ctrl-C (143: SIGTERM); a second Ctrl-C exits at once
 
 examples:
   fetchpool -d images https://example.org/a.png https://example.org/b.jpg
   fetchpool -i urls.txt -d images -w 32 --report report.jsonl
   grep -o 'https://[^"]*\\.jpg' page.html | fetchpool -i - -d images
   fetchpool -i photos.csv -d out --retries 5 --timeout 5,60 --max-bytes 50M
-  jq -r 'select(.status == "failed").url' report.jsonl | fetchpool -i - -d images"""
+  jq -r 'select(.status == "failed").url' report.jsonl | fetchpool -i -"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -683,7 +687,8 @@ class Feeder(threading.Thread):
         self, downloader: Downloader, urls: Sequence[str], sources: list[_Source], window: int
     ) -> None:
         super().__init__(name="fetchpool-feeder", daemon=True)
-        self.done: queue.SimpleQueue[_Entry] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: its timed get() resumes cleanly after a signal.
+        self.done: queue.Queue[_Entry] = queue.Queue()
         self.submitted = 0
         self._downloader = downloader
         self._items = iter_items(urls, sources)
@@ -759,35 +764,53 @@ def _result_of(item: Item, outcome: Future[DownloadResult] | DownloadResult) -> 
 
 
 class _Interrupted(KeyboardInterrupt):
-    """Raised by the first SIGINT or SIGTERM; a second one exits at once."""
+    """The run was asked to stop by SIGINT or SIGTERM."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
-def _exit_now(signum: int, frame: FrameType | None) -> None:
-    os.write(2, b"\nfetchpool: interrupted again, exiting now\n")
-    os._exit(128 + signum)
+class _StopRequest:
+    """Signal handling: the first SIGINT or SIGTERM asks the run to stop, a second exits.
 
+    The handler only records the signal; the main loop looks at it between results.
+    Raising from the handler instead would land the ``KeyboardInterrupt`` wherever the
+    main thread happens to be, half-way through a report line for instance.
+    """
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGINT, _exit_now)
-    signal.signal(signal.SIGTERM, _exit_now)
-    raise _Interrupted(signum)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """The signal handler."""
+        if self.signum is not None:
+            os.write(2, b"\nfetchpool: interrupted again, exiting now\n")
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def check(self) -> None:
+        """Raise :class:`_Interrupted` if a stop was asked for.
+
+        Raises:
+            _Interrupted: a signal arrived.
+        """
+        if self.signum is not None:
+            raise _Interrupted(self.signum)
 
 
 @contextlib.contextmanager
-def _signals() -> Iterator[None]:
-    """Turn the first SIGINT or SIGTERM into :class:`_Interrupted` (main thread only)."""
+def _signals() -> Iterator[_StopRequest]:
+    """Install the SIGINT and SIGTERM handlers of a run (from the main thread only)."""
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in saved:
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, stop.handle)
     try:
-        yield
+        yield stop
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -862,8 +885,11 @@ class _Relay:
 class _Run:
     """One invocation: the feeder's output turned into report lines and a tally."""
 
-    def __init__(self, feeder: Feeder, report: Report | None, relay: _Relay) -> None:
+    def __init__(
+        self, feeder: Feeder, report: Report | None, relay: _Relay, stop: _StopRequest
+    ) -> None:
         self.feeder = feeder
+        self.stop = stop
         self.report = report
         self.relay = relay
         self.tally = Tally()
@@ -874,10 +900,18 @@ class _Run:
         self.stopping = False
 
     def loop(self) -> None:
-        """Take entries until every submitted URL is reported (or the report broke)."""
+        """Take entries until every submitted URL is reported (or the report broke).
+
+        Raises:
+            _Interrupted: a stop was asked for.
+        """
         ended = False
         while not (ended and self.handled == self.feeder.submitted):
-            entry = self.feeder.done.get()
+            self.stop.check()
+            try:
+                entry = self.feeder.done.get(timeout=_POLL_INTERVAL)
+            except queue.Empty:
+                continue
             if isinstance(entry, _End):
                 ended = True  # no more submissions: ``submitted`` is final
             elif isinstance(entry, _InputFailed):
@@ -946,7 +980,9 @@ def _downloader(args: argparse.Namespace, relay: _Relay) -> Downloader:
         raise UsageError(f"cannot use the destination {args.dest}: {exc.strerror or exc}") from exc
 
 
-def _run(args: argparse.Namespace, sources: list[_Source], report: Report | None) -> int:
+def _run(
+    args: argparse.Namespace, sources: list[_Source], report: Report | None, stop: _StopRequest
+) -> int:
     """Download everything; return the exit status.
 
     Raises:
@@ -956,7 +992,7 @@ def _run(args: argparse.Namespace, sources: list[_Source], report: Report | None
     relay = _Relay()
     downloader = _downloader(args, relay)
     feeder = Feeder(downloader, args.urls, sources, 2 * args.workers)
-    run = _Run(feeder, report, relay)
+    run = _Run(feeder, report, relay, stop)
     interrupted: KeyboardInterrupt | None = None
     relay.bar = _make_bar(args, sources)
     with _logging(args.verbose, relay.bar is not None):
@@ -968,6 +1004,8 @@ def _run(args: argparse.Namespace, sources: list[_Source], report: Report | None
                 downloader.close(cancel=True)
             else:
                 downloader.close()
+            if stop.signum is not None:  # during the last close(): nothing left to stop
+                interrupted = _Interrupted(stop.signum)
         except KeyboardInterrupt as exc:
             interrupted = exc
             run.stopping = True
@@ -1010,13 +1048,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    with _signals():
+    with _signals() as stop:
         try:
             sources = _open_sources(args.input, args.format)
             try:
                 report = Report.open(args.report) if args.report else None
                 try:
-                    return _run(args, sources, report)
+                    return _run(args, sources, report, stop)
                 finally:
                     if report is not None:
                         report.close()
