@@ -165,3 +165,24 @@ def test_an_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot create lock file") as info:
         PathLock(missing, "a" * 20).acquire()
     assert info.value.errno is not None
+
+
+def test_a_filesystem_without_record_locks_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, cmd: int, length: int = 0, start: int = 0, whence: int = 0) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    with pytest.raises(StorageError, match="cannot lock") as info:
+        PathLock(tmp_path, "a" * 20).acquire()
+    assert info.value.errno == errno.ENOLCK
+    monkeypatch.undo()
+    # Without locks it cannot tell whether another process uses the lock file, so it stays
+    # until a lock can be taken again.
+    with PathLock(tmp_path, "a" * 20):
+        pass
+    assert listing(tmp_path) == []

@@ -374,11 +374,18 @@ class PathLock:
                     return entry
                 if locked:
                     _unlock(entry.fd, self._offset)
-            except BaseException:
+            except BaseException as exc:
                 if locked:
                     with contextlib.suppress(OSError):
                         _unlock(entry.fd, self._offset)
                 _LOCK_FILES.checkin(self._path, entry)
+                if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                    # A filesystem without record locks (ENOLCK on some network mounts).
+                    raise StorageError(
+                        f"cannot lock a file in {self.directory}: {exc}",
+                        url=self._url,
+                        errno=exc.errno,
+                    ) from exc
                 raise
             _LOCK_FILES.checkin(self._path, entry, stale=not current)
             if not locked and not blocking and current:
