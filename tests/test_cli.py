@@ -297,6 +297,18 @@ def test_csv_and_jsonl_with_filenames_and_bad_rows(server: ImageServer, tmp_path
     assert listing(tmp_path / "out") == ["b.png", "cats", "cats/first.png", "dogs", "dogs/d.png"]
 
 
+def test_a_line_that_is_not_utf8_is_a_failed_result(server: ImageServer, tmp_path: Path) -> None:
+    good = server.url("/any/caf\u00e9.png")
+    (tmp_path / "urls.txt").write_bytes(b"http://x.test/\xff.png\n" + good.encode() + b"\n")
+    done = run_cli("-i", "urls.txt", "-d", "out", "--report", "r.jsonl", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    bad, ok = sorted(read_report(tmp_path / "r.jsonl"), key=lambda r: r["source"])
+    assert (bad["source"], bad["error_type"]) == ("urls.txt:1", "InvalidURL")
+    assert "not valid UTF-8" in bad["error"]
+    assert (ok["url"], ok["status"]) == (good, "downloaded")
+    assert listing(tmp_path / "out") == ["caf\u00e9.png"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -309,17 +321,35 @@ def test_csv_and_jsonl_with_filenames_and_bad_rows(server: ImageServer, tmp_path
         (["-i", "missing.txt"], "cannot read input file missing.txt"),
         (["-i", "."], "cannot read input file ."),
         (["-d", "afile", "http://x.test/a.png"], "not a directory"),
-        (["-i", "-", "-i", "-"], "stdin"),
         (["-i", "nourl.csv"], "no 'url' column"),
     ],
 )
-def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+def test_usage_errors_exit_2(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
     (tmp_path / "afile").write_text("", encoding="utf-8")
     (tmp_path / "nourl.csv").write_text("a,b\n1,2\n", encoding="utf-8")
-    done = run_cli(*args, cwd=tmp_path, stdin="")
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "nourl.csv"]  # nothing created
+
+
+def test_usage_errors_of_the_real_command(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    for args, message in [
+        (["-d", "afile", "http://x.test/a.png"], "fetchpool: error: the destination afile is"),
+        (["-i", "-", "-i", "-"], "stdin (-) can be read only once"),
+        (["--workers", "many"], "argument -w/--workers: not a whole number: 'many'"),
+    ]:
+        done = run_cli(*args, cwd=tmp_path, stdin="")
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 # --------------------------------------------------------------------------- in-process

@@ -420,7 +420,7 @@ def _not_utf8(text: str) -> bool:
 
 def _quote(text: str) -> str:
     shown = text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."
-    return repr(redact_url(shown.encode("utf-8", "backslashreplace").decode("utf-8")))
+    return repr(redact_url(shown))  # repr escapes bytes that were not UTF-8
 
 
 def _bad(source: str, text: str, why: str) -> Item:
@@ -577,7 +577,8 @@ class Report:
             "error": None if error is None else str(error),
             "source": item.source,
         }
-        self._stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # ASCII with escapes: valid JSON even for input that was not valid UTF-8.
+        self._stream.write(json.dumps(record) + "\n")
         self._stream.flush()
 
     def abandon(self) -> None:
