@@ -447,8 +447,9 @@ def test_tqdm_bar_total_known_open_ended_or_set_later() -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_mid_batch_stops_cleans_up_and_leaves_a_valid_report(
-    server: ImageServer, stall: str, tmp_path: Path
+    server: ImageServer, stall: str, tmp_path: Path, signum: int, status: int
 ) -> None:
     dest = tmp_path / "out"
     report = tmp_path / "report.jsonl"
@@ -477,7 +478,7 @@ def test_sigint_mid_batch_stops_cleans_up_and_leaves_a_valid_report(
         # The report is written as the run goes, and 32 transfers are in flight.
         wait_for(busy, 30, lambda: f"the run to be mid-batch; {os.listdir(dest)}")
         start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         returncode = proc.wait(15)
         took = time.monotonic() - start
     finally:
@@ -486,7 +487,7 @@ def test_sigint_mid_batch_stops_cleans_up_and_leaves_a_valid_report(
             proc.wait(10)
 
     text = stderr.read_text()
-    assert returncode == 130, text
+    assert returncode == status, text
     # The issue asks for 2 s; the bound is generous for a loaded test machine.
     assert took < 5, f"took {took:.1f} s to stop after SIGINT"
     assert "Traceback" not in text
