@@ -29,16 +29,18 @@ def listing(directory: Path) -> list[str]:
 def held_locks(directory: Path) -> int:
     """How many per-file locks any process holds in ``directory`` (from /proc/locks)."""
     try:
-        inode = str(os.stat(directory / LOCK_FILE_NAME).st_ino)
+        st = os.stat(directory / LOCK_FILE_NAME)
     except FileNotFoundError:
         return 0
+    # The kernel prints "<major>:<minor>:<inode>" with the device numbers in hex.
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     count = 0
     with open("/proc/locks", encoding="ascii") as f:
         for line in f:
             # "1: POSIX  ADVISORY  WRITE <pid> <maj>:<min>:<inode> <start> <end>";
             # a blocked waiter's line has "->" after the number.
             fields = line.split()
-            if fields[1] == "POSIX" and fields[5].rsplit(":", 1)[-1] == inode:
+            if fields[1] == "POSIX" and fields[5] == ident:
                 count += 1
     return count
 
