@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    parser.add_argument(
+        "--profile-only",
+        action="store_true",
+        help="only write the py-spy profiles of latency-bound and cpu-bound (no report)",
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -69,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
         print("profiles skipped: py-spy not installed", file=sys.stderr)
     results: list[ScenarioResult] = []
     started = time.monotonic()
+    if args.profile_only:
+        if not profiles:
+            print("nothing to do: py-spy not installed or --no-profile", file=sys.stderr)
+            return 1
+        for name in chosen:
+            if name in ("latency-bound", "cpu-bound"):
+                run_download_scenario(
+                    table[name], args.contestants, 1, profile_dir=profile_dir, profile_only=True
+                )
+        return 0
     for name in chosen:
         scenario = table[name]
         print(f"== {scenario.title}", file=sys.stderr)

@@ -242,13 +242,17 @@ def run_one(
     sizes: list[int] | None = None,
     map_spec: dict[str, Any] | None = None,
     profile_to: Path | None = None,
+    profile_gil: bool = False,
     timeout: float = 900.0,
 ) -> Run:
     """Run a contestant once on a fresh ``dest``; time it, measure it, verify its files.
 
     Python contestants time themselves in their child process (imports excluded) and
     report ``VmHWM``; external tools are timed from spawn to exit, with the peak RSS
-    ``wait4`` reports. With ``profile_to``, the run goes under ``py-spy record``.
+    ``VmHWM``, sampled. With ``profile_to``, the run goes under ``py-spy record``:
+    every thread that is not idle (``profile_gil`` False: where the threads' time
+    goes, waits on locks and sockets included) or only the thread holding the GIL
+    (``profile_gil`` True: where the interpreter's CPU goes).
     """
     with (
         fresh_dir(scenario.dest_root, f"fpbench-{contestant}-") as dest,
@@ -274,7 +278,8 @@ def run_one(
             raw = work / "profile.raw"
             command = [
                 "py-spy", "record", "--format", "raw", "--rate", "250",
-                "--nonblocking", "--output", str(raw), "--", *command,
+                "--nonblocking", "--output", str(raw),
+                *(["--gil"] if profile_gil else []), "--", *command,
             ]  # fmt: skip
         cpu_before, _ = server.stats()
         with open(work / "log.txt", "wb") as log:
@@ -307,7 +312,8 @@ def run_one(
             run.error = (run.error + "; " if run.error else "") + log_text[-300:]
         if profile_to is not None and (work / "profile.raw").exists():
             profile_to.parent.mkdir(parents=True, exist_ok=True)
-            title = f"{scenario.title}: {contestant} (py-spy, 250 Hz, active samples only)"
+            what = "GIL holder only" if profile_gil else "all non-idle threads"
+            title = f"{scenario.title}: {contestant} (py-spy, 250 Hz, {what})"
             profile_to.write_text(summarize_raw((work / "profile.raw").read_text(), title))
     return run
 
@@ -318,9 +324,14 @@ def run_download_scenario(
     repeat: int,
     *,
     profile_dir: Path | None = None,
+    profile_only: bool = False,
     log: IO[str] = sys.stderr,
 ) -> ScenarioResult:
-    """Run every available contestant ``repeat`` times (interleaved) on one scenario."""
+    """Run every available contestant ``repeat`` times (interleaved) on one scenario.
+
+    With ``profile_dir``, fetchpool and the hand pool then run twice more under py-spy
+    (profiles only, not timed); ``profile_only`` skips the timed runs.
+    """
     result = ScenarioResult(
         scenario.name,
         scenario.title,
@@ -347,7 +358,7 @@ def run_download_scenario(
         urls = [u for u, _, _ in entries]
         expected = {basename(u): sha for u, sha, _ in entries}
         sizes = [size for _, _, size in entries]
-        for round_ in range(repeat):
+        for round_ in range(0 if profile_only else repeat):
             for name in chosen:
                 if round_ >= scenario.max_runs.get(name, repeat):
                     continue
@@ -362,7 +373,7 @@ def run_download_scenario(
         ideal = scenario.ideal_latency()
         if ideal is not None:
             result.ideal = {"kind": "ceil(n / workers) * latency", "seconds": ideal}
-        else:
+        elif not profile_only:
             floors = [
                 run_one("write-floor", scenario, server, urls, {}, sizes=sizes).seconds
                 for _ in range(repeat)
@@ -377,10 +388,14 @@ def run_download_scenario(
             for name in ("fetchpool", "hand-pool"):
                 if name not in chosen:
                     continue
-                target = profile_dir / f"{scenario.name}-{name}.txt"
-                run_one(name, scenario, server, urls, expected, profile_to=target)
-                result.profiles[name] = str(target)
-                print(f"  profile of {name} written to {target}", file=log)
+                for gil in (False, True):
+                    suffix = "-gil" if gil else ""
+                    target = profile_dir / f"{scenario.name}-{name}{suffix}.txt"
+                    run_one(
+                        name, scenario, server, urls, expected, profile_to=target, profile_gil=gil
+                    )
+                    result.profiles[name + suffix] = str(target.relative_to(profile_dir.parent))
+                    print(f"  profile of {name} written to {target}", file=log)
     return result
 
 

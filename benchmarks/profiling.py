@@ -29,6 +29,16 @@ def _function(frame: str) -> str:
     return f"{name} ({where.rsplit(':', 1)[0].rstrip(')')})"
 
 
+def _package(function: str) -> str:
+    """Group a function by where it lives: ``fetchpool/storage.py``, ``urllib3``, ..."""
+    where = function.rpartition(" (")[2].rstrip(")")
+    if where.startswith(("fetchpool/", "benchmarks/")):
+        return where
+    if where.startswith("<frozen") or "/" not in where:
+        return f"stdlib {where}"
+    return where.split("/", 1)[0]
+
+
 def summarize_raw(raw: str, title: str, top: int = 25) -> str:
     """Return a text report of the most frequent functions, self and inclusive."""
     self_counts: Counter[str] = Counter()
@@ -56,6 +66,13 @@ def summarize_raw(raw: str, title: str, top: int = 25) -> str:
     ]
     for frame, count in self_counts.most_common(top):
         lines.append(f"  {100 * count / max(total, 1):5.1f}%  {frame}")
+    packages: Counter[str] = Counter()
+    for frame, count in self_counts.items():
+        packages[_package(frame)] += count
+    lines += ["", "self time by module or package:"]
+    lines.extend(
+        f"  {100 * count / max(total, 1):5.1f}%  {name}" for name, count in packages.most_common(15)
+    )
     lines += ["", f"top {top} by inclusive time (anywhere on the stack):"]
     shown = 0
     for frame, count in total_counts.most_common():

@@ -191,6 +191,7 @@ def chart(results: list[ScenarioResult], out: Path) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
     except ImportError:
         return "chart skipped: matplotlib not installed (pip install matplotlib)"
     shown = [r for r in results if r.name != "peak-rss" and r.runs]
@@ -208,6 +209,8 @@ def chart(results: list[ScenarioResult], out: Path) -> str | None:
             ax.legend(loc="lower right", fontsize=7)
         ax.set_title(result.title, fontsize=9)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.tick_params(labelsize=8)
         ax.invert_yaxis()
     axes[-1, 0].set_xlabel("seconds, median (log scale, lower is better)")

@@ -144,7 +144,7 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
             },
             max_runs={"aria2c": 1},
             note="1,000 distinct bodies cycled over 5,000 URLs (the server's memory); "
-            "aria2c runs once (it takes about 1.5 minutes per run here).",
+            "aria2c runs once (the slowest tool on many small files).",
         ),
         "big-file": Scenario(
             "big-file",
