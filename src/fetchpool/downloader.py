@@ -121,11 +121,20 @@ class _Claims:
         path = directory / name
         with self._lock:
             owner = self._owners.get(path)
+        # Looked at outside the lock: its syscalls release the GIL, and workers ending
+        # their claims must not queue behind them. A stale answer is harmless, as the
+        # worker decides again under the file's lock.
+        found = inspect_target(path) if owner is None else None
+        with self._lock:
+            owner = self._owners.get(path)
             if owner is not None:
                 taken = owner[0] != origin
             else:
-                found = inspect_target(path)
-                taken = found.kind == "file" and found.origin not in (None, origin)
+                taken = (
+                    found is not None
+                    and found.kind == "file"
+                    and found.origin not in (None, origin)
+                )
             if taken:
                 path = directory / derived_name(name, url)
             self._add(path, origin)
