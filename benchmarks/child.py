@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     import fetchpool  # noqa: F401
 
     if name == "parfive":
-        import parfive  # type: ignore[import-untyped]  # noqa: F401  (aiohttp's import time is not download time)
+        import parfive  # noqa: F401  (aiohttp's import time is not download time)
 
     baseline = memory_kib("VmRSS")
     if name == "fetchpool-map":

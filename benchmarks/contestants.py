@@ -127,7 +127,7 @@ def run_tutorial_threads(urls: list[str], dest: Path, workers: int) -> int:
 
 def run_parfive(urls: list[str], dest: Path, workers: int) -> int:
     """Download with parfive (asyncio + aiohttp); return the number of failures."""
-    import parfive  # type: ignore[import-untyped]
+    import parfive
 
     downloader = parfive.Downloader(max_conn=workers, max_splits=1, progress=False)
     for url in urls:

@@ -39,7 +39,7 @@ def machine() -> dict[str, Any]:
             out = subprocess.run([tool, flag], capture_output=True, text=True, check=False)
             tools[tool] = (out.stdout.splitlines() or ["?"])[0]
     try:
-        import parfive  # type: ignore[import-untyped]
+        import parfive
 
         tools["parfive"] = str(parfive.__version__)
     except ImportError:
