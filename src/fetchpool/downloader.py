@@ -589,6 +589,7 @@ class Downloader:
                 guard=guard,
                 secrets=task.secrets,
                 env_cache=self._local.env_cache,
+                shown=shown,
             )
             try:
                 lock: PathLock | None = None
@@ -616,7 +617,7 @@ class Downloader:
 
     def _receive(self, task: _Task, path: Path, resp: requests.Response, guard: Guard) -> _Outcome:
         shown = task.shown
-        body = Body(resp, task.url, self._opts.max_bytes, guard, task.secrets)
+        body = Body(resp, task.url, self._opts.max_bytes, guard, task.secrets, shown)
         content_type = resp.headers.get("Content-Type")
         chunks = body.chunks()
         head = b""

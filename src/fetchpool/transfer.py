@@ -227,13 +227,15 @@ def open_response(
     guard: Guard | None,
     secrets: tuple[str, ...],
     env_cache: dict[tuple[str, str], dict[str, Any]] | None = None,
+    shown: str = "",
 ) -> requests.Response:
     """Send GET for ``url``, following up to 10 redirects, and return the 2xx response.
 
     The response is streamed: its body is unread. The caller must close it.
     ``secrets`` (from :func:`~fetchpool.naming.secrets_of`) are kept out of messages.
     ``env_cache`` (one per session) keeps the proxy and CA settings that ``requests``
-    would otherwise read from the environment on every request.
+    would otherwise read from the environment on every request. ``shown`` is the URL as
+    messages show it (:func:`~fetchpool.naming.redact_url`), if the caller has it already.
 
     Raises:
         HTTPStatusError: the final answer is not 2xx (its body is never read).
@@ -241,7 +243,7 @@ def open_response(
         TransferError: the connection failed, timed out or hit the deadline.
         InvalidURL: ``requests`` rejected the URL.
     """
-    shown = redact_url(url)
+    shown = shown or redact_url(url)
     # Credentials in the URL travel as an Authorization header that is dropped on a
     # cross-origin hop, and the URL itself then holds no secret to leak.
     current, auth = split_userinfo(url)
@@ -402,9 +404,11 @@ class Body:
     max_bytes: int | None
     guard: Guard | None
     secrets: tuple[str, ...] = ()
+    shown: str = ""
 
     def __post_init__(self) -> None:
-        self.shown = redact_url(self.url)
+        if not self.shown:
+            self.shown = redact_url(self.url)
         self.length = content_length(self.resp, self.url)
         encoding = self.resp.headers.get("Content-Encoding", "").strip().lower()
         self.decoder: _Decoder | None = None
