@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import io
 import json
 import os
 import select
@@ -23,6 +24,7 @@ import sys
 import termios
 import threading
 import time
+import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,7 +36,8 @@ import pytest
 
 from _support import listing
 from fetchpool import ProgressEvent, __version__
-from fetchpool.cli import main, parse_header, parse_size, parse_timeout
+from fetchpool.cli import MAX_LINE, _lines, main, parse_header, parse_size, parse_timeout
+from fetchpool.downloader import Downloader
 from fetchpool.progress import TqdmBar
 from fetchpool.testing import ImageServer, make_image
 
@@ -95,7 +98,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: Callable[[], s
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what()}")
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
 
 
 def temp_files(directory: Path) -> list[str]:
@@ -185,7 +188,7 @@ def test_arguments_download_then_a_rerun_skips(server: ImageServer, tmp_path: Pa
     assert first.stderr.count("\n") == 1  # not a terminal: nothing but the summary
     files = listing(tmp_path / "out")
     assert len(files) == 2
-    assert files[0] == "cat-" + files[0][4:]
+    assert files[0].startswith("cat-")  # the second URL's derived name
     assert files[1] == "cat.jpg"
     assert sorted((tmp_path / "out" / n).read_bytes() for n in files) == sorted(
         server.expected(u) for u in urls
@@ -309,6 +312,89 @@ def test_a_line_that_is_not_utf8_is_a_failed_result(server: ImageServer, tmp_pat
     assert listing(tmp_path / "out") == ["caf\u00e9.png"]
 
 
+def test_crlf_bom_csv_quoting_and_over_long_lines(
+    server: ImageServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, c, d, e, f = (server.url(f"/any/{n}.png") for n in "abcdef")
+    long_line = "http://x.test/" + "a" * MAX_LINE
+    bom = "\ufeff"
+    (tmp_path / "urls.txt").write_bytes(
+        f"{bom}{a}\r\n# comment\r\n\r\n{long_line}\r\n{b}\r\n".encode()
+    )
+    (tmp_path / "in.csv").write_bytes(
+        f'{bom}URL,filename\r\n"{c}","x, y.png"\r\n"{d}","two\r\nlines.png"\r\n'
+        f"{long_line},z.png\r\n{e},e.png\r\n".encode()
+    )
+    (tmp_path / "in.jsonl").write_bytes(f'{{"url": "{long_line}"}}\n{{"url": "{f}"}}'.encode())
+    report = tmp_path / "r.jsonl"
+    args = ["-d", str(tmp_path / "out"), "--report", str(report), "-i", "urls.txt"]
+    with contextlib.chdir(tmp_path):
+        status = main([*args, "-i", "in.csv", "-i", "in.jsonl", "http://x.test/\udcff.png"])
+
+    assert status == 1, capsys.readouterr().err
+    got = {r["source"]: r for r in read_report(report)}
+    assert {s: r["status"] for s, r in got.items()} == {
+        "argument 1": "failed",  # not UTF-8, like a line of a file
+        "urls.txt:1": "downloaded",  # no BOM in the URL
+        "urls.txt:4": "failed",
+        "urls.txt:5": "downloaded",
+        "in.csv:2": "downloaded",
+        "in.csv:3": "failed",  # a quoted line break: where the row starts
+        "in.csv:5": "failed",
+        "in.csv:6": "downloaded",
+        "in.jsonl:1": "failed",
+        "in.jsonl:2": "downloaded",
+    }
+    assert "not valid UTF-8" in got["argument 1"]["error"]
+    assert got["in.csv:2"]["path"] == os.path.join(tmp_path, "out", "x, y.png")
+    assert got["in.csv:3"]["error_type"] == "UnsafeFilenameError"
+    for where in ("urls.txt:4", "in.csv:5", "in.jsonl:1"):
+        assert got[where]["error"] == f"line longer than {MAX_LINE} bytes", got[where]
+        assert got[where]["url"] == ""
+
+
+def test_a_line_of_any_length_is_dropped_in_flat_memory(tmp_path: Path) -> None:
+    path = tmp_path / "huge.txt"
+    with open(path, "wb") as f:
+        f.write(b"http://x.test/a.png\n")
+        f.write(b"a" * (32 * 1024 * 1024) + b"\n")
+        f.write(b"http://x.test/b.png")  # no final newline
+    tracemalloc.start()
+    try:
+        with open(path, "rb", buffering=0) as stream:
+            assert isinstance(stream, io.FileIO)
+            lines = list(_lines(stream))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == ["http://x.test/a.png\n", None, "http://x.test/b.png"]
+    assert peak < 1024 * 1024  # not the 32 MiB line
+
+
+@pytest.mark.timeout(30)
+def test_a_row_the_downloader_refuses_still_gets_its_line(
+    server: ImageServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    submit = Downloader.submit
+
+    def refuse_one(self: Downloader, url: str, filename: str | None = None) -> Any:
+        if "refused" in url:
+            raise PermissionError(13, "Permission denied")
+        return submit(self, url, filename)
+
+    monkeypatch.setattr(Downloader, "submit", refuse_one)
+    urls = [server.url(f"/any/{n}.png") for n in ("one", "refused", "two")]
+    report = tmp_path / "r.jsonl"
+    assert main(["-d", str(tmp_path / "out"), "--report", str(report), *urls]) == 1
+    got = by_url(read_report(report))
+    assert [got[u]["status"] for u in urls] == ["downloaded", "failed", "downloaded"]
+    assert "internal error submitting" in got[urls[1]]["error"]
+    assert capsys.readouterr().err.splitlines()[-1].startswith("fetchpool: 3 URLs: 2 downloaded")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -322,6 +408,7 @@ def test_a_line_that_is_not_utf8_is_a_failed_result(server: ImageServer, tmp_pat
         (["-i", "."], "cannot read input file ."),
         (["-d", "afile", "http://x.test/a.png"], "not a directory"),
         (["-i", "nourl.csv"], "no 'url' column"),
+        (["-i", "urls.txt", "--report", "urls.txt"], "would overwrite an input"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -333,10 +420,12 @@ def test_usage_errors_exit_2(
 ) -> None:
     (tmp_path / "afile").write_text("", encoding="utf-8")
     (tmp_path / "nourl.csv").write_text("a,b\n1,2\n", encoding="utf-8")
+    (tmp_path / "urls.txt").write_text("http://x.test/a.png\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     assert message in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["afile", "nourl.csv"]  # nothing created
+    assert sorted(os.listdir(tmp_path)) == ["afile", "nourl.csv", "urls.txt"]  # none created
+    assert (tmp_path / "urls.txt").read_text(encoding="utf-8") == "http://x.test/a.png\n"
 
 
 def test_usage_errors_of_the_real_command(tmp_path: Path) -> None:
@@ -374,10 +463,13 @@ def test_parsers() -> None:
     assert parse_timeout("7") == 7.0
     assert parse_timeout("5,30") == (5.0, 30.0)
     assert parse_header("X-Token:  abc: d ") == ("X-Token", "abc: d")
-    for bad in ("-1", "10X", "M", ""):
+    assert parse_size("9007199254740993") == 9007199254740993  # no float rounding
+    assert parse_size("2 GB") == parse_size("2GiB") == 2 * 1024**3
+    assert parse_size("100b") == 100
+    for bad in ("-1", "10X", "M", "", "10ib", "unlimited"):
         with pytest.raises(argparse.ArgumentTypeError, match="size"):
             parse_size(bad)
-    for bad in ("0", "-3", "nan", "5,", "a,b"):
+    for bad in ("0", "-3", "nan", "inf", "1e300", "5,", "a,b"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"(?i)seconds"):
             parse_timeout(bad)
 
@@ -582,10 +674,11 @@ def _run_on_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
 def test_bar_on_a_terminal_not_in_a_pipe(server: ImageServer, tmp_path: Path) -> None:
     urls = [server.url(f"/any/t/img{i}.png") for i in range(3)] + [server.url("/status/404/x")]
 
-    status, drawn = _run_on_terminal(["-d", "tty", *urls], tmp_path)
+    (tmp_path / "urls.txt").write_text("\n".join(urls), encoding="utf-8")
+    status, drawn = _run_on_terminal(["-d", "tty", "-i", "urls.txt"], tmp_path)
     assert status == 1, drawn
     assert "\r" in drawn
-    assert "4/4" in drawn
+    assert "4/4" in drawn  # the total, once the input file is read
     assert "file/s" in drawn
     assert "1 failed" in drawn
     assert "fetchpool: 4 URLs: 3 downloaded, 0 skipped, 1 failed" in drawn

@@ -1,9 +1,10 @@
 """The ``fetchpool`` command: download the URLs given as arguments or read from files.
 
-``main()`` parses the arguments, streams the input (one row at a time, so a file of
-millions of lines starts at once), keeps at most ``2 * workers`` URLs in flight through
-:meth:`Downloader.submit`, writes one JSON line per finished URL to the report, and
-returns the exit status. See ``fetchpool --help``.
+``main()`` parses the arguments and opens the inputs, the report and a :class:`Downloader`.
+A feeder thread streams the input rows into :meth:`Downloader.submit`, at most
+``2 * workers`` of them not yet reported, so a file of millions of lines starts at once and
+a slow pipe never holds back the report. The main thread writes one report line per
+finished URL, watches for Ctrl-C, and returns the exit status. See ``fetchpool --help``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import queue
 import re
@@ -22,12 +22,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from decimal import Decimal
 from functools import partial
 from types import FrameType
-from typing import Any, Final, Literal, TextIO
+from typing import Final, TextIO
 
 from . import __version__
 from .downloader import Downloader
@@ -35,31 +37,27 @@ from .errors import FetchError, InvalidURL, TransferError
 from .naming import redact_url
 from .progress import TqdmBar
 from .results import DownloadResult, ProgressEvent, Summary
-from .retry import RetryPolicy
 
 __all__ = ["main"]
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
 
-#: Failures listed on stderr at the end (all of them are in the report).
+#: The longest input line in bytes: a longer one is a failed row, skipped without being
+#: held in memory (no server takes a URL that long; most stop at 8 KiB).
+MAX_LINE: Final = 64 * 1024
+#: The most seconds ``--timeout`` and ``--deadline`` take: more is a typo, and overflows
+#: the socket's timer.
+MAX_SECONDS: Final = 86400.0
+#: Failures listed on stderr at the end (the report has all of them).
 _SHOWN_FAILURES: Final = 10
 #: Seconds between two looks at the stop request while waiting for results.
 _POLL_INTERVAL: Final = 0.05
-#: Bytes asked of an input file per read.
 _READ_SIZE: Final = 64 * 1024
-#: The longest text of a bad input row quoted in its error message.
+#: The longest text of a bad input row kept in its report line and quoted in its message.
 _QUOTE_LIMIT: Final = 200
-
-Format = Literal["lines", "csv", "tsv", "jsonl"]
-_FORMAT_BY_SUFFIX: Final[dict[str, Format]] = {
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-}
+_FORMAT_BY_SUFFIX: Final = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 log = logging.getLogger("fetchpool")
 
@@ -68,23 +66,23 @@ class UsageError(Exception):
     """A problem with the command line or its input files: exit status 2."""
 
 
-# --------------------------------------------------------------------------- parsing
+# --------------------------------------------------------------------------- options
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def parse_size(text: str) -> int | None:
     """Parse ``--max-bytes``: ``512K``, ``10M``, ``2G``, ``1.5G``, plain bytes, or ``none``.
 
-    Suffixes are binary (``K`` = 1024); a trailing ``B`` or ``iB`` is allowed.
+    Suffixes are binary (``K`` = 1024); ``KB``, ``KiB`` and a lone ``B`` are allowed.
 
     Raises:
         argparse.ArgumentTypeError: not a size.
     """
     value = text.strip()
-    if value.lower() in ("none", "unlimited"):
+    if value.lower() == "none":
         return None
     match = _SIZE.fullmatch(value)
     if match is None:
@@ -92,17 +90,23 @@ def parse_size(text: str) -> int | None:
             f"not a size: {text!r} (expected e.g. 500K, 10M, 2G, 1048576 or none)"
         )
     number, unit = match.groups()
-    factor = 1024 ** " kmgt".index(unit.lower() or " ")
-    return int(float(number) * factor)
+    return int(Decimal(number) * 1024 ** " kmgt".index((unit or " ").lower()))
 
 
-def _seconds(text: str) -> float:
+def parse_seconds(text: str) -> float:
+    """Parse a number of seconds, more than 0 and at most :data:`MAX_SECONDS`.
+
+    Raises:
+        argparse.ArgumentTypeError: not such a number.
+    """
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    if not 0 < value <= MAX_SECONDS:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds > 0 and <= {MAX_SECONDS:.0f}, not {text!r}"
+        )
     return value
 
 
@@ -110,14 +114,13 @@ def parse_timeout(text: str) -> float | tuple[float, float]:
     """Parse ``--timeout``: ``10`` for both, or ``5,30`` for connect and read.
 
     Raises:
-        argparse.ArgumentTypeError: not one or two positive numbers.
+        argparse.ArgumentTypeError: not one or two numbers of seconds.
     """
     parts = text.split(",")
-    if len(parts) == 1:
-        return _seconds(parts[0])
-    if len(parts) == 2:
-        return (_seconds(parts[0]), _seconds(parts[1]))
-    raise argparse.ArgumentTypeError(f"expected SECONDS or CONNECT,READ, not {text!r}")
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected SECONDS or CONNECT,READ, not {text!r}")
+    values = [parse_seconds(part) for part in parts]
+    return values[0] if len(values) == 1 else (values[0], values[1])
 
 
 def parse_header(text: str) -> tuple[str, str]:
@@ -136,20 +139,13 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value.strip()
 
 
-def _workers(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _count(text: str) -> int:
+def _whole(text: str, minimum: int = 0) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
     return value
 
 
@@ -161,19 +157,20 @@ partial ever carries a final name; URLs that share a basename get distinct,
 stable names; a file already present is skipped, so running the same command
 again resumes an interrupted batch."""
 
-_EPILOG = """\
+_EPILOG = f"""\
 input:
   URLs come from the arguments, then from each -i FILE in order. Files are read
   as the downloads go, so a file of millions of lines starts at once. Formats:
     lines  one URL per line; blank lines and lines starting with # are ignored
     csv    a header row with a "url" column and optionally a "filename" column
-           (a path relative to DEST); with no header, the columns are
+           (a path relative to DIR); with no header, the columns are
            url[,filename]
     tsv    the same, tab-separated
     jsonl  one JSON object per line with "url" and optionally "filename"
   The format follows the extension (.csv, .tsv, .jsonl, .ndjson; anything else
   is lines) unless --format says otherwise; stdin (-) is lines by default.
-  A row that is not a URL becomes a failed result (InvalidURL), never a crash.
+  A row that is not a URL, or a line longer than {MAX_LINE // 1024} KiB, becomes a
+  failed result, never a crash.
 
 report:
   --report writes one JSON object per URL as it finishes (completion order),
@@ -183,8 +180,9 @@ report:
 
 exit status:
   0    every URL was downloaded or skipped
-  1    at least one URL failed
-  2    usage error: bad option, unreadable input file, DEST is not a directory
+  1    at least one URL failed, or the report could not be written
+  2    usage error: bad option, unreadable input file, a CSV file without a
+       url column, DIR is not a directory, the report would overwrite an input
   130  interrupted by Ctrl-C (143: SIGTERM); a second Ctrl-C exits at once
 
 examples:
@@ -228,15 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-w",
         "--workers",
-        type=_workers,
+        type=partial(_whole, minimum=1),
         default=8,
         metavar="N",
         help="concurrent downloads (default: 8)",
     )
     parser.add_argument(
         "--retries",
-        type=_count,
-        default=None,
+        type=_whole,
+        default=3,
         metavar="N",
         help="retries after the first attempt, for errors that can heal (connection "
         "errors, timeouts, 408, 425, 429, 5xx); 0 disables them (default: 3)",
@@ -250,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--deadline",
-        type=_seconds,
+        type=parse_seconds,
         default=300.0,
         metavar="S",
         help="most seconds one attempt may take, headers and body (default: 300)",
@@ -304,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="show a progress bar on stderr (default: when stderr is a terminal and not -q)",
     )
     parser.add_argument(
@@ -325,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(frozen=True)
-class Item:
+class Row:
     """One input row: a URL with an optional file name, or why the row is bad."""
 
     url: str
@@ -334,88 +331,82 @@ class Item:
     problem: str | None = None
 
 
-@dataclass
-class _Source:
+@dataclass(frozen=True)
+class _Input:
     """An input file, read unbuffered (a blocked read of stdin holds no lock at exit)."""
 
     name: str
     stream: io.FileIO
-    format: Format
-    #: Set once the feeder owns it (the feeder then closes it, in its own thread).
-    taken: bool = False
+    format: str
 
 
-def _format_of(path: str, forced: str) -> Format:
-    if forced != "auto":
-        return forced  # type: ignore[return-value] # argparse restricts the choices
-    suffix = os.path.splitext(path)[1].lower()
-    return _FORMAT_BY_SUFFIX.get(suffix, "lines")
-
-
-def _open_sources(paths: Sequence[str], forced: str) -> list[_Source]:
+def _open_inputs(paths: Sequence[str], forced: str, stack: contextlib.ExitStack) -> list[_Input]:
     """Open every input file now, so that an unreadable one is a usage error up front.
 
     Raises:
         UsageError: a file cannot be opened, or stdin is named twice.
     """
-    sources: list[_Source] = []
-    try:
-        for path in paths:
-            if path == "-":
-                if any(s.name == "<stdin>" for s in sources):
-                    raise UsageError("stdin (-) can be read only once")
-                fmt = "lines" if forced == "auto" else _format_of(path, forced)
-                stdin = io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
-                sources.append(_Source("<stdin>", stdin, fmt))
-                continue
+    if paths.count("-") > 1:
+        raise UsageError("stdin (-) can be read only once")
+    inputs = []
+    for path in paths:
+        if path == "-":
+            name, stream = "<stdin>", io.FileIO(sys.stdin.fileno(), "rb", closefd=False)
+        else:
             try:
-                stream = io.FileIO(path, "rb")
+                name, stream = path, io.FileIO(path, "rb")
             except OSError as exc:
                 raise UsageError(f"cannot read input file {path}: {exc.strerror or exc}") from exc
-            sources.append(_Source(path, stream, _format_of(path, forced)))
-    except BaseException:
-        _close_sources(sources)
-        raise
-    return sources
+        stack.callback(stream.close)
+        fmt = forced
+        if fmt == "auto":
+            suffix = "" if path == "-" else os.path.splitext(path)[1].lower()
+            fmt = _FORMAT_BY_SUFFIX.get(suffix, "lines")
+        inputs.append(_Input(name, stream, fmt))
+    return inputs
 
 
-def _close_sources(sources: Iterable[_Source]) -> None:
-    for source in sources:
-        source.stream.close()
+def _raw_lines(stream: io.FileIO) -> Iterator[bytes | None]:
+    """The lines of ``stream``, endings kept, each as soon as it is complete.
 
-
-def _raw_lines(stream: io.FileIO) -> Iterator[bytes]:
-    """The lines of ``stream``, endings kept, each returned as soon as it is complete."""
+    ``None`` stands for a line longer than :data:`MAX_LINE` bytes, dropped as it is read.
+    """
     buf = bytearray()
+    overlong = False  # the start of the current line was longer than MAX_LINE: dropped
     while chunk := stream.read(_READ_SIZE):
         scan = len(buf)  # the part before has no newline: never scan it again
         buf += chunk
         start = 0
         while (end := buf.find(b"\n", scan)) >= 0:
-            yield bytes(buf[start : end + 1])
+            yield None if overlong or end - start > MAX_LINE else bytes(buf[start : end + 1])
+            overlong = False
             start = scan = end + 1
         del buf[:start]
-    if buf:
+        if len(buf) > MAX_LINE:
+            overlong = True
+            buf.clear()
+    if overlong:
+        yield None
+    elif buf:
         yield bytes(buf)
 
 
-def _decoded(stream: io.FileIO) -> Iterator[str]:
-    """Lines as text, endings kept; bytes that are not UTF-8 become lone surrogates."""
-    first = True
-    for raw in _raw_lines(stream):
-        line = raw.decode("utf-8", "surrogateescape")
-        if first:
-            line = line.removeprefix("\ufeff")
-            first = False
-        yield line
+def _lines(stream: io.FileIO) -> Iterator[str | None]:
+    """:func:`_raw_lines` as text: bytes that are not UTF-8 become lone surrogates."""
+    for number, raw in enumerate(_raw_lines(stream)):
+        if raw is None:
+            yield None
+        else:
+            text = raw.decode("utf-8", "surrogateescape")
+            yield text.removeprefix("\ufeff") if number == 0 else text
 
 
-def _not_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+def _bad(source: str, text: str, why: str) -> Row:
+    return Row(url=text[:_QUOTE_LIMIT], filename=None, source=source, problem=why)
+
+
+def _too_long(source: str) -> Row:
+    return _bad(source, "", f"line longer than {MAX_LINE} bytes")
 
 
 def _quote(text: str) -> str:
@@ -423,365 +414,223 @@ def _quote(text: str) -> str:
     return repr(redact_url(shown))  # repr escapes bytes that were not UTF-8
 
 
-def _bad(source: str, text: str, why: str) -> Item:
-    return Item(url=text[:_QUOTE_LIMIT], filename=None, source=source, problem=why)
-
-
-def _row(url: object, filename: object, where: str) -> Item:
-    """Check one row's cells; anything wrong makes it a bad item."""
+def _row(url: object, filename: object, source: str) -> Row:
+    """Check one row's cells; anything wrong makes it a bad row."""
     if not isinstance(url, str) or not url.strip():
-        return _bad(where, "" if url is None else str(url), "no URL in this row")
+        return _bad(source, "" if url is None else str(url), "no URL in this row")
     url = url.strip()
     if filename is not None and not isinstance(filename, str):
-        return _bad(where, url, f"filename must be a string, not {filename!r}")
-    name = filename.strip() if isinstance(filename, str) else ""
-    if _not_utf8(url) or _not_utf8(name):
-        return _bad(where, url, f"not valid UTF-8: {_quote(url)}")
-    return Item(url=url, filename=name or None, source=where)
+        return _bad(source, url, f"filename must be a string, not {type(filename).__name__}")
+    name = (filename or "").strip()
+    try:
+        (url + name).encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
+        return _bad(source, url, f"not valid UTF-8: {_quote(url)}")
+    return Row(url=url, filename=name or None, source=source)
 
 
-def _lines_rows(source: _Source) -> Iterator[Item]:
-    for number, line in enumerate(_decoded(source.stream), 1):
-        text = line.strip()
-        if text and not text.startswith("#"):
-            yield _row(text, None, f"{source.name}:{number}")
+def _text_rows(name: str, lines: Iterator[str | None]) -> Iterator[Row]:
+    for number, line in enumerate(lines, 1):
+        if line is None:
+            yield _too_long(f"{name}:{number}")
+        elif (text := line.strip()) and not text.startswith("#"):
+            yield _row(text, None, f"{name}:{number}")
 
 
-def _jsonl_rows(source: _Source) -> Iterator[Item]:
-    for number, line in enumerate(_decoded(source.stream), 1):
-        text = line.strip()
-        if not text:
+def _jsonl_rows(name: str, lines: Iterator[str | None]) -> Iterator[Row]:
+    for number, line in enumerate(lines, 1):
+        where = f"{name}:{number}"
+        if line is None:
+            yield _too_long(where)
             continue
-        where = f"{source.name}:{number}"
+        if not (text := line.strip()):
+            continue
         try:
-            row = json.loads(text)
+            value = json.loads(text)
         except ValueError as exc:
             yield _bad(where, text, f"not valid JSON ({exc}): {_quote(text)}")
             continue
-        if isinstance(row, str):
-            yield _row(row, None, where)
-        elif isinstance(row, dict):
-            if "url" not in row:
-                yield _bad(where, text, f'no "url" key in {_quote(text)}')
-            else:
-                yield _row(row["url"], row.get("filename"), where)
-        else:
+        if isinstance(value, str):
+            yield _row(value, None, where)
+        elif not isinstance(value, dict):
             yield _bad(where, text, f"expected a JSON object, not {_quote(text)}")
+        elif "url" not in value:
+            yield _bad(where, text, f'no "url" key in {_quote(text)}')
+        else:
+            yield _row(value["url"], value.get("filename"), where)
 
 
-def _csv_columns(header: list[str], name: str) -> tuple[int, int | None, bool]:
-    """Return the url and filename column indexes and whether ``header`` is a header row.
+def _csv_columns(cells: list[str], name: str) -> tuple[int, int | None, bool]:
+    """Return the url and filename column indexes and whether ``cells`` is a header row.
 
     Raises:
         UsageError: a header row without a ``url`` column.
     """
-    names = [h.strip().lower() for h in header]
+    names = [cell.strip().lower() for cell in cells]
     if "url" in names:
         return names.index("url"), names.index("filename") if "filename" in names else None, True
-    if header and header[0].strip().lower().startswith(("http://", "https://")):
-        return 0, 1 if len(header) > 1 else None, False
-    raise UsageError(
-        f"{name}: the first row has no 'url' column (found: {', '.join(names) or 'nothing'})"
-    )
+    if names[0].startswith(("http://", "https://")):
+        return 0, 1 if len(names) > 1 else None, False
+    raise UsageError(f"{name}: the first row has no 'url' column (found: {', '.join(names)})")
 
 
-def _csv_rows(source: _Source) -> Iterator[Item]:
-    delimiter = "\t" if source.format == "tsv" else ","
-    reader = csv.reader(_decoded(source.stream), delimiter=delimiter, strict=True)
+def _csv_rows(name: str, lines: Iterator[str | None], delimiter: str) -> Iterator[Row]:
+    overlong = 0
+
+    def physical() -> Iterator[str]:  # an over-long line becomes an empty one, counted
+        nonlocal overlong
+        for line in lines:
+            overlong += line is None
+            yield "\n" if line is None else line
+
+    reader = csv.reader(physical(), delimiter=delimiter, strict=True)
     columns: tuple[int, int | None] | None = None
     while True:
+        where, seen = f"{name}:{reader.line_num + 1}", overlong  # a row may span lines
         try:
-            row = next(reader)
+            cells = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:
-            where = f"{source.name}:{reader.line_num}"
             yield _bad(where, "", f"malformed CSV row ({exc})")
             continue
-        where = f"{source.name}:{reader.line_num}"
+        if overlong != seen:
+            if columns is None:
+                raise UsageError(f"{name}: the first row is longer than {MAX_LINE} bytes")
+            yield _too_long(where)
+            continue
+        if not any(cell.strip() for cell in cells):
+            continue
         if columns is None:
-            url_col, name_col, is_header = _csv_columns(row, source.name)
+            url_col, name_col, is_header = _csv_columns(cells, name)
             columns = (url_col, name_col)
             if is_header:
                 continue
-        if not any(cell.strip() for cell in row):
-            continue
         url_col, name_col = columns
-        url = row[url_col] if url_col < len(row) else None
-        name = row[name_col] if name_col is not None and name_col < len(row) else None
-        yield _row(url, name, where)
+        url = cells[url_col] if url_col < len(cells) else None
+        filename = cells[name_col] if name_col is not None and name_col < len(cells) else None
+        yield _row(url, filename, where)
 
 
-_READERS: Final[dict[Format, Callable[[_Source], Iterator[Item]]]] = {
-    "lines": _lines_rows,
-    "jsonl": _jsonl_rows,
-    "csv": _csv_rows,
-    "tsv": _csv_rows,
-}
-
-
-def iter_items(urls: Sequence[str], sources: Sequence[_Source]) -> Iterator[Item]:
-    """Yield the argument URLs, then the rows of each source, lazily.
+def _rows(urls: Sequence[str], inputs: Sequence[_Input]) -> Iterator[Row]:
+    """Yield the argument URLs, then the rows of each input, lazily.
 
     Raises:
-        UsageError: a CSV source has no ``url`` column.
-        OSError: reading a source failed.
+        UsageError: a CSV input has no ``url`` column.
+        OSError: reading an input failed.
     """
     for number, url in enumerate(urls, 1):
-        yield Item(url=url, filename=None, source=f"argument {number}")
-    for source in sources:
-        yield from _READERS[source.format](source)
-
-
-# --------------------------------------------------------------------------- output
-
-
-class Report:
-    """The JSON Lines report: one object per finished URL, flushed line by line."""
-
-    def __init__(self, stream: TextIO, *, close: bool) -> None:
-        self._stream = stream
-        self._close = close
-
-    @classmethod
-    def open(cls, path: str) -> Report:
-        """Open ``path`` for writing (``-`` is stdout).
-
-        Raises:
-            UsageError: the file cannot be created.
-        """
-        if path == "-":
-            return cls(sys.stdout, close=False)
-        try:
-            stream = open(path, "w", encoding="utf-8", newline="\n")  # noqa: SIM115
-        except OSError as exc:
-            raise UsageError(f"cannot write report {path}: {exc.strerror or exc}") from exc
-        return cls(stream, close=True)
-
-    def write(self, item: Item, result: DownloadResult) -> None:
-        """Write and flush the line of one result.
-
-        Raises:
-            OSError: the report cannot be written (disk full, closed pipe).
-        """
-        error = result.error
-        record: dict[str, Any] = {
-            "url": redact_url(result.url),
-            "path": None if result.path is None else str(result.path),
-            "status": result.status,
-            "bytes": result.bytes,
-            "attempts": result.attempts,
-            "elapsed": round(result.elapsed, 3),
-            "content_type": result.content_type,
-            "error_type": None if error is None else type(error).__name__,
-            "error": None if error is None else str(error),
-            "source": item.source,
-        }
-        # ASCII with escapes: valid JSON even for input that was not valid UTF-8.
-        self._stream.write(json.dumps(record) + "\n")
-        self._stream.flush()
-
-    def abandon(self) -> None:
-        """Give up on a report that cannot be written; silence a closed stdout pipe."""
-        if not self._close:
-            with contextlib.suppress(OSError, ValueError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self._stream.fileno())
-                os.close(devnull)
-
-    def close(self) -> None:
-        """Close the file (stdout is only flushed)."""
-        with contextlib.suppress(OSError, ValueError):
-            if self._close:
-                self._stream.close()
-            else:
-                self._stream.flush()
-
-
-class Tally:
-    """Counts for the summary, and the first few failures to show."""
-
-    def __init__(self) -> None:
-        self.downloaded = 0
-        self.skipped = 0
-        self.failed = 0
-        self.bytes = 0
-        self.stopped = 0
-        self.failures: list[tuple[Item, DownloadResult]] = []
-
-    def add(self, item: Item, result: DownloadResult, *, stopping: bool = False) -> None:
-        """Count one result; with ``stopping``, a cancelled one counts as stopped."""
-        if stopping and _was_cancelled(result):
-            self.stopped += 1
-        elif result.status == "downloaded":
-            self.downloaded += 1
-            self.bytes += result.bytes
-        elif result.status == "skipped":
-            self.skipped += 1
+        yield _row(url, None, f"argument {number}")
+    for source in inputs:
+        lines = _lines(source.stream)
+        if source.format == "lines":
+            yield from _text_rows(source.name, lines)
+        elif source.format == "jsonl":
+            yield from _jsonl_rows(source.name, lines)
         else:
-            self.failed += 1
-            if len(self.failures) < _SHOWN_FAILURES:
-                self.failures.append((item, result))
-
-    def summary(self, elapsed: float) -> Summary:
-        """The library's one-line summary of these counts."""
-        return Summary(
-            total=self.downloaded + self.skipped + self.failed,
-            downloaded=self.downloaded,
-            skipped=self.skipped,
-            failed=self.failed,
-            nbytes=self.bytes,
-            elapsed=elapsed,
-        )
-
-    def lines(self, elapsed: float, interrupted: bool) -> list[str]:
-        """The closing lines for stderr: the first failures, then the summary."""
-        out = []
-        for item, result in self.failures:
-            name = type(result.error).__name__ if result.error else "error"
-            out.append(f"fetchpool: failed ({item.source}): {name}: {result.error}")
-        if self.failed > len(self.failures):
-            more = self.failed - len(self.failures)
-            out.append(f"fetchpool: ... and {more} more failed (--report FILE lists them all)")
-        prefix = "fetchpool: interrupted; " if interrupted else "fetchpool: "
-        suffix = f"; {self.stopped} stopped unfinished" if self.stopped else ""
-        out.append(prefix + self.summary(elapsed) + suffix)
-        return out
+            yield from _csv_rows(source.name, lines, "\t" if source.format == "tsv" else ",")
 
 
-def _was_cancelled(result: DownloadResult) -> bool:
-    # The library marks a download stopped by close(cancel=True) only by its message.
-    error = result.error
-    return (
-        isinstance(error, TransferError)
-        and not error.retryable
-        and error.message.endswith(" cancelled")
-    )
+# --------------------------------------------------------------------------- the run
 
 
-# --------------------------------------------------------------------------- running
-
-
-class _End:
-    """The feeder has submitted its last item."""
-
-
-_END: Final = _End()
-
-
-@dataclass(frozen=True)
-class _InputFailed:
-    message: str
-
-
-_Entry = tuple[Item, "Future[DownloadResult] | DownloadResult"] | _End | _InputFailed
-
-
-class Feeder(threading.Thread):
+class _Feeder(threading.Thread):
     """Reads the input and submits it, with at most ``window`` URLs not yet reported.
 
-    It runs in a thread of its own so that a slow input (a pipe) never holds back the
-    report; finished downloads arrive on :attr:`done` in completion order.
+    Each row arrives on :attr:`done` as ``(row, future)`` once its future is done, in
+    completion order; ``None`` follows the last submission, and :attr:`submitted` and
+    :attr:`error` are final from then on. The feeder closes the inputs.
     """
 
     def __init__(
-        self, downloader: Downloader, urls: Sequence[str], sources: list[_Source], window: int
+        self,
+        downloader: Downloader,
+        rows: Iterator[Row],
+        inputs: Sequence[_Input],
+        window: int,
+        progress: _Relay,
     ) -> None:
-        super().__init__(name="fetchpool-feeder", daemon=True)
-        # queue.Queue, not SimpleQueue: its timed get() resumes cleanly after a signal.
-        self.done: queue.Queue[_Entry] = queue.Queue()
+        super().__init__(name="fetchpool-input", daemon=True)  # may block on stdin
+        self.done: queue.Queue[tuple[Row, Future[DownloadResult]] | None] = queue.Queue()
+        #: Released by the main thread for each row reported.
+        self.slots = threading.Semaphore(window)
         self.submitted = 0
+        self.error: str | None = None
         self._downloader = downloader
-        self._items = iter_items(urls, sources)
-        self._sources = sources
-        self._slots = threading.Semaphore(window)
+        self._rows = rows
+        self._inputs = inputs
+        self._progress = progress
         self._stop = threading.Event()
 
-    def start(self) -> None:
-        """Start reading; the input files are the feeder's to close from now on."""
-        for source in self._sources:
-            source.taken = True
-        super().start()
-
     def run(self) -> None:
-        """Feed every item, close the input, then put the end marker."""
+        """Submit every row, close the inputs, then put ``None``."""
         try:
-            self._submit_all()
-        except Exception as exc:  # noqa: BLE001 - any failure ends the input, reported
-            if not self._stop.is_set():  # (after an interrupt, the input closed under us)
-                self.done.put(_InputFailed(_input_problem(exc)))
+            for row in self._rows:
+                self.slots.acquire()
+                if self._stop.is_set() or (future := self._submit(row)) is None:
+                    return
+                self.submitted += 1
+                future.add_done_callback(partial(self._finished, row))
+        except UsageError as exc:
+            self.error = str(exc)
+        except OSError as exc:
+            self.error = f"cannot read the input: {exc.strerror or exc}"
+        except Exception as exc:  # a bug: say so, and end the input
+            log.exception("internal error while reading the input")
+            self.error = f"internal error while reading the input: {exc!r}"
         finally:
-            _close_sources(self._sources)
-            self.done.put(_END)
+            for source in self._inputs:
+                source.stream.close()
+            self.done.put(None)
 
-    def _submit_all(self) -> None:
-        for item in self._items:
-            self._slots.acquire()
-            if self._stop.is_set():
-                return
-            self.submitted += 1
-            if item.problem is not None:
-                error = InvalidURL(item.problem, url=redact_url(item.url))
-                result = DownloadResult(url=item.url, path=None, status="failed", error=error)
-                self.done.put((item, result))
-                continue
+    def _finished(self, row: Row, future: Future[DownloadResult]) -> None:
+        self.done.put((row, future))
+
+    def _submit(self, row: Row) -> Future[DownloadResult] | None:
+        """The future of ``row``'s result; ``None`` if the run is stopping."""
+        if row.problem is None:
             try:
-                future = self._downloader.submit(item.url, item.filename)
-            except RuntimeError:  # closed by an interrupt meanwhile
-                self.submitted -= 1
-                return
-            future.add_done_callback(partial(self._finished, item))
-
-    def _finished(self, item: Item, future: Future[DownloadResult]) -> None:
-        self.done.put((item, future))
-
-    def slot_free(self) -> None:
-        """Let one more URL in (its predecessor has been reported)."""
-        self._slots.release()
+                return self._downloader.submit(row.url, row.filename)
+            except Exception as exc:  # the row must still get its result
+                if self._stop.is_set():
+                    return None  # the Downloader was closed by a stop
+                shown = redact_url(row.url)
+                log.exception("internal error submitting %s", shown)
+                error = FetchError(f"internal error submitting {shown}: {exc!r}", url=shown)
+        else:
+            error = InvalidURL(row.problem, url=redact_url(row.url))
+        # The Downloader never saw this row: the bar must still count it.
+        self._progress(ProgressEvent(url=row.url, bytes=0, total=None, state="started"))
+        self._progress(ProgressEvent(url=row.url, bytes=0, total=None, state="failed"))
+        future: Future[DownloadResult] = Future()
+        future.set_result(DownloadResult(url=row.url, path=None, status="failed", error=error))
+        return future
 
     def stop(self) -> None:
         """Submit nothing more."""
         self._stop.set()
-        self._slots.release()
+        self.slots.release()
 
 
-def _input_problem(exc: Exception) -> str:
-    if isinstance(exc, UsageError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"cannot read the input: {exc}"
-    log.error("internal error while reading the input", exc_info=exc)
-    return f"internal error while reading the input: {exc!r}"
+class _Relay:
+    """The Downloader's progress callback: forwards to the bar, once there is one."""
 
+    bar: TqdmBar | None = None
 
-def _result_of(item: Item, outcome: Future[DownloadResult] | DownloadResult) -> DownloadResult:
-    if isinstance(outcome, DownloadResult):
-        return outcome
-    try:
-        return outcome.result()
-    except Exception as exc:  # noqa: BLE001 - failures are results; this would be a bug
-        error = FetchError(f"internal error downloading {redact_url(item.url)}: {exc!r}")
-        return DownloadResult(url=item.url, path=None, status="failed", error=error)
-
-
-class _Interrupted(KeyboardInterrupt):
-    """The run was asked to stop by SIGINT or SIGTERM."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.bar is not None:
+            self.bar(event)
 
 
 class _StopRequest:
-    """Signal handling: the first SIGINT or SIGTERM asks the run to stop, a second exits.
+    """The first SIGINT or SIGTERM asks the run to stop; a second one exits at once.
 
-    The handler only records the signal; the main loop looks at it between results.
-    Raising from the handler instead would land the ``KeyboardInterrupt`` wherever the
-    main thread happens to be, half-way through a report line for instance.
+    The handler only records the signal and the main loop looks at it between results:
+    raising from the handler would land the ``KeyboardInterrupt`` wherever the main
+    thread happens to be, half-way through a report line for instance.
     """
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
+    signum: int | None = None
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         """The signal handler."""
@@ -789,15 +638,6 @@ class _StopRequest:
             os.write(2, b"\nfetchpool: interrupted again, exiting now\n")
             os._exit(128 + signum)
         self.signum = signum
-
-    def check(self) -> None:
-        """Raise :class:`_Interrupted` if a stop was asked for.
-
-        Raises:
-            _Interrupted: a signal arrived.
-        """
-        if self.signum is not None:
-            raise _Interrupted(self.signum)
 
 
 @contextlib.contextmanager
@@ -807,9 +647,7 @@ def _signals() -> Iterator[_StopRequest]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in saved:
-        signal.signal(sig, stop.handle)
+    saved = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
@@ -817,16 +655,115 @@ def _signals() -> Iterator[_StopRequest]:
             signal.signal(sig, handler)
 
 
-class _TqdmHandler(logging.Handler):
-    """Log lines that do not break the progress bar."""
+def _was_cancelled(result: DownloadResult) -> bool:
+    # The library marks a download stopped by close(cancel=True) only by its message.
+    error = result.error
+    return isinstance(error, TransferError) and error.message.endswith(" cancelled")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm  # noqa: PLC0415 - optional dependency, present with a bar
 
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must not raise
-            self.handleError(record)
+def _record(row: Row, result: DownloadResult) -> str:
+    error = result.error
+    record = {
+        "url": redact_url(result.url),
+        "path": None if result.path is None else str(result.path),
+        "status": result.status,
+        "bytes": result.bytes,
+        "attempts": result.attempts,
+        "elapsed": round(result.elapsed, 3),
+        "content_type": result.content_type,
+        "error_type": None if error is None else type(error).__name__,
+        "error": None if error is None else str(error),
+        "source": row.source,
+    }
+    # ASCII with escapes: valid JSON even for input that was not valid UTF-8.
+    return json.dumps(record) + "\n"
+
+
+class _Collector:
+    """The main thread's side of a run: finished URLs become report lines and counts."""
+
+    def __init__(self, feeder: _Feeder, report: TextIO | None, bar: TqdmBar | None) -> None:
+        self.feeder = feeder
+        self.report = report
+        self.bar = bar
+        self.counts: Counter[str] = Counter()  # statuses, and "stopped"
+        self.bytes = 0
+        self.failures: list[str] = []
+        self.report_error: str | None = None
+
+    def collect(self, stop: _StopRequest) -> bool:
+        """Take results until every URL is reported (``True``), a stop is asked for or
+        the report cannot be written (``False``)."""
+        handled, ended = 0, False
+        while not (ended and handled == self.feeder.submitted):
+            if stop.signum is not None or self.report_error is not None:
+                return False
+            try:
+                entry = self.feeder.done.get(timeout=_POLL_INTERVAL)
+            except queue.Empty:
+                continue
+            if entry is None:
+                ended = True
+                if self.bar is not None:
+                    self.bar.set_total(self.feeder.submitted)
+            else:
+                handled += 1
+                self.take(*entry)
+                self.feeder.slots.release()
+        return True
+
+    def drain(self) -> None:
+        """Take whatever has arrived, without waiting (the run was stopped)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                if (entry := self.feeder.done.get_nowait()) is not None:
+                    self.take(*entry, stopping=True)
+
+    def take(self, row: Row, future: Future[DownloadResult], *, stopping: bool = False) -> None:
+        """Count and report one finished URL."""
+        if future.cancelled():
+            return  # never started (the run was stopped): not in the report
+        result = future.result()  # a failure is a result, never an exception
+        status = "stopped" if stopping and _was_cancelled(result) else result.status
+        self.counts[status] += 1
+        if status == "downloaded":
+            self.bytes += result.bytes
+        elif status == "failed" and len(self.failures) < _SHOWN_FAILURES:
+            error = result.error
+            self.failures.append(
+                f"fetchpool: failed ({row.source}): {type(error).__name__}: {error}"
+            )
+        if self.report is not None:
+            try:
+                self.report.write(_record(row, result))
+                self.report.flush()
+            except OSError as exc:
+                self.report_error = f"cannot write the report: {exc.strerror or exc}"
+                if self.report is sys.stdout:  # no "Exception ignored" for it at exit
+                    with contextlib.suppress(OSError, ValueError):
+                        devnull = os.open(os.devnull, os.O_WRONLY)
+                        os.dup2(devnull, sys.stdout.fileno())
+                        os.close(devnull)
+                self.report = None
+
+    def lines(self, elapsed: float, interrupted: bool) -> list[str]:
+        """The closing lines for stderr: the first failures, then the summary."""
+        counts = self.counts
+        out = list(self.failures)
+        if counts["failed"] > len(self.failures):
+            more = counts["failed"] - len(self.failures)
+            out.append(f"fetchpool: ... and {more} more failed (--report FILE lists them all)")
+        summary = Summary(
+            total=counts["downloaded"] + counts["skipped"] + counts["failed"],
+            downloaded=counts["downloaded"],
+            skipped=counts["skipped"],
+            failed=counts["failed"],
+            nbytes=self.bytes,
+            elapsed=elapsed,
+        )
+        stopped = f"; {counts['stopped']} stopped unfinished" if counts["stopped"] else ""
+        out.append(f"fetchpool: {'interrupted; ' if interrupted else ''}{summary}{stopped}")
+        return out
 
 
 @contextlib.contextmanager
@@ -835,199 +772,136 @@ def _logging(verbose: int, with_bar: bool) -> Iterator[None]:
     if not verbose:
         yield
         return
-    handler: logging.Handler = _TqdmHandler() if with_bar else logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fetchpool: %(levelname)s: %(message)s"))
     saved = (log.level, log.propagate)
     log.addHandler(handler)
     log.setLevel(logging.INFO if verbose == 1 else logging.DEBUG)
     log.propagate = False
+    redirect: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if with_bar:  # log lines above the bar, not through it
+        from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: PLC0415 - optional
+
+        redirect = logging_redirect_tqdm([log])
     try:
-        yield
+        with redirect:
+            yield
     finally:
         log.removeHandler(handler)
         log.setLevel(saved[0])
         log.propagate = saved[1]
 
 
-def _make_bar(args: argparse.Namespace, sources: Sequence[_Source]) -> TqdmBar | None:
+def _make_bar(args: argparse.Namespace) -> TqdmBar | None:
     wanted = args.progress
     if wanted is None:
         wanted = not args.quiet and sys.stderr.isatty()
     if not wanted:
         return None
-    try:
-        if sources:
-            return TqdmBar(open_ended=True)
-        return TqdmBar(total=len(args.urls))
+    try:  # the total is known at once for arguments only, else once the input is read
+        return TqdmBar(None if args.input else len(args.urls), open_ended=True)
     except ImportError as exc:
         if args.progress:
             print(f"fetchpool: {exc}", file=sys.stderr)
         return None
 
 
-def _say(lines: Iterable[str]) -> None:
-    with contextlib.suppress(OSError, ValueError):
-        for line in lines:
-            print(line, file=sys.stderr)
-        sys.stderr.flush()
-
-
-class _Relay:
-    """The Downloader's progress callback: forwards to the bar, once there is one."""
-
-    def __init__(self) -> None:
-        self.bar: TqdmBar | None = None
-
-    def __call__(self, event: ProgressEvent) -> None:
-        if self.bar is not None:
-            self.bar(event)
-
-
-class _Run:
-    """One invocation: the feeder's output turned into report lines and a tally."""
-
-    def __init__(
-        self, feeder: Feeder, report: Report | None, relay: _Relay, stop: _StopRequest
-    ) -> None:
-        self.feeder = feeder
-        self.stop = stop
-        self.report = report
-        self.relay = relay
-        self.tally = Tally()
-        self.handled = 0
-        self.input_error: str | None = None
-        self.report_error: str | None = None
-        #: Set after an interrupt: results that arrive now are mostly cancellations.
-        self.stopping = False
-
-    def loop(self) -> None:
-        """Take entries until every submitted URL is reported (or the report broke).
-
-        Raises:
-            _Interrupted: a stop was asked for.
-        """
-        ended = False
-        while not (ended and self.handled == self.feeder.submitted):
-            self.stop.check()
-            try:
-                entry = self.feeder.done.get(timeout=_POLL_INTERVAL)
-            except queue.Empty:
-                continue
-            if isinstance(entry, _End):
-                ended = True  # no more submissions: ``submitted`` is final
-            elif isinstance(entry, _InputFailed):
-                self.input_error = entry.message
-            else:
-                self.take(*entry)
-                if self.report_error is not None:
-                    return
-
-    def drain(self) -> None:
-        """Take whatever has arrived, without waiting (after an interrupt)."""
-        while True:
-            try:
-                entry = self.feeder.done.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(entry, tuple):
-                self.take(*entry)
-
-    def take(self, item: Item, outcome: Future[DownloadResult] | DownloadResult) -> None:
-        """Count and report one finished URL."""
-        self.handled += 1
-        if isinstance(outcome, Future) and outcome.cancelled():
-            return  # never started (an interrupt): not in the report
-        result = _result_of(item, outcome)
-        if isinstance(outcome, DownloadResult):  # a bad row: the Downloader never saw it
-            self.relay(ProgressEvent(url=outcome.url, bytes=0, total=None, state="started"))
-            self.relay(ProgressEvent(url=outcome.url, bytes=0, total=None, state="failed"))
-        self.tally.add(item, result, stopping=self.stopping)
-        if self.report is not None and self.report_error is None:
-            try:
-                self.report.write(item, result)
-            except OSError as exc:
-                self.report_error = f"cannot write the report: {exc.strerror or exc}"
-                self.report.abandon()
-                return
-        self.feeder.slot_free()
-
-
-def _downloader(args: argparse.Namespace, relay: _Relay) -> Downloader:
-    """Open the Downloader the options ask for.
+def _open(
+    args: argparse.Namespace, progress: _Relay
+) -> tuple[list[_Input], TextIO | None, Downloader]:
+    """Open the inputs, the report and the Downloader, or none of them.
 
     Raises:
-        UsageError: ``dest`` is not a directory or cannot be created.
+        UsageError: an input cannot be read, the report cannot be written or would
+            overwrite an input, or the destination cannot be used.
     """
-    retry = RetryPolicy() if args.retries is None else RetryPolicy(attempts=args.retries + 1)
-    try:
-        return Downloader(
-            args.dest,
-            args.workers,
-            retry=retry,
-            timeout=args.timeout,
-            deadline=args.deadline,
-            max_bytes=args.max_bytes,
-            overwrite=args.overwrite,
-            content_disposition=args.content_disposition,
-            allow_downgrade=args.allow_downgrade,
-            fsync=args.fsync,
-            verify=None if args.no_verify else "image",
-            headers=dict(args.header),
-            progress=relay,
-        )
-    except NotADirectoryError:
-        raise UsageError(f"the destination {args.dest} is not a directory") from None
-    except OSError as exc:
-        raise UsageError(f"cannot use the destination {args.dest}: {exc.strerror or exc}") from exc
+    with contextlib.ExitStack() as stack:
+        inputs = _open_inputs(args.input, args.format, stack)
+        report: TextIO | None = None
+        if args.report == "-":
+            report = sys.stdout
+        elif args.report is not None:
+            with contextlib.suppress(OSError):
+                found = os.stat(args.report)
+                for source in inputs:
+                    if os.path.samestat(found, os.fstat(source.stream.fileno())):
+                        raise UsageError(f"the report {args.report} would overwrite an input")
+            try:
+                report = stack.enter_context(open(args.report, "w", encoding="utf-8", newline="\n"))
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot write report {args.report}: {exc.strerror or exc}"
+                ) from exc
+        try:
+            downloader = Downloader(
+                args.dest,
+                args.workers,
+                retry=args.retries + 1,
+                timeout=args.timeout,
+                deadline=args.deadline,
+                max_bytes=args.max_bytes,
+                overwrite=args.overwrite,
+                content_disposition=args.content_disposition,
+                allow_downgrade=args.allow_downgrade,
+                fsync=args.fsync,
+                verify=None if args.no_verify else "image",
+                headers=dict(args.header),
+                progress=progress,
+            )
+        except NotADirectoryError:
+            raise UsageError(f"the destination {args.dest} is not a directory") from None
+        except OSError as exc:
+            raise UsageError(
+                f"cannot use the destination {args.dest}: {exc.strerror or exc}"
+            ) from exc
+        stack.pop_all()
+    return inputs, report, downloader
 
 
-def _run(
-    args: argparse.Namespace, sources: list[_Source], report: Report | None, stop: _StopRequest
-) -> int:
+def _run(args: argparse.Namespace, stop: _StopRequest) -> int:
     """Download everything; return the exit status.
 
     Raises:
-        UsageError: the destination cannot be used.
+        UsageError: see :func:`_open`.
     """
     start = time.monotonic()
     relay = _Relay()
-    downloader = _downloader(args, relay)
-    feeder = Feeder(downloader, args.urls, sources, 2 * args.workers)
-    run = _Run(feeder, report, relay, stop)
-    interrupted: KeyboardInterrupt | None = None
-    relay.bar = _make_bar(args, sources)
+    inputs, report, downloader = _open(args, relay)
+    feeder = _Feeder(downloader, _rows(args.urls, inputs), inputs, 2 * args.workers, relay)
+    relay.bar = _make_bar(args)
+    collector = _Collector(feeder, report, relay.bar)
+    finished = False
     with _logging(args.verbose, relay.bar is not None):
         try:
             feeder.start()
-            run.loop()
-            if run.report_error is not None:
+            finished = collector.collect(stop)
+        finally:
+            if finished:
+                downloader.close()  # nothing left in flight
+            else:
                 feeder.stop()
                 downloader.close(cancel=True)
-            else:
-                downloader.close()
-            if stop.signum is not None:  # during the last close(): nothing left to stop
-                interrupted = _Interrupted(stop.signum)
-        except KeyboardInterrupt as exc:
-            interrupted = exc
-            run.stopping = True
-            feeder.stop()
-            downloader.close(cancel=True)
-            run.drain()
-        finally:
+                collector.drain()
             if relay.bar is not None:
                 relay.bar.close()
-    elapsed = time.monotonic() - start
-    messages = [f"fetchpool: {m}" for m in (run.input_error, run.report_error) if m]
+            if report is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    if report is sys.stdout:
+                        report.flush()
+                    else:
+                        report.close()
+    messages = [f"fetchpool: error: {m}" for m in (feeder.error, collector.report_error) if m]
     if not args.quiet:
-        messages = run.tally.lines(elapsed, interrupted is not None) + messages
-    _say(messages)
-    if interrupted is not None:
-        return 128 + getattr(interrupted, "signum", signal.SIGINT)
-    if run.input_error is not None:
+        elapsed = time.monotonic() - start
+        messages = collector.lines(elapsed, stop.signum is not None) + messages
+    if messages:
+        with contextlib.suppress(OSError, ValueError):
+            print("\n".join(messages), file=sys.stderr, flush=True)
+    if stop.signum is not None:
+        return 128 + stop.signum
+    if feeder.error is not None:
         return EXIT_USAGE
-    if run.report_error is not None or run.tally.failed:
-        return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if collector.report_error or collector.counts["failed"] else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1040,29 +914,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if not args.urls and not args.input:
+            parser.error("no URLs: give them as arguments or with -i FILE (- for stdin)")
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if not args.urls and not args.input:
-        parser.print_usage(sys.stderr)
-        print(
-            "fetchpool: error: no URLs: give them as arguments or with -i FILE (- for stdin)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     with _signals() as stop:
         try:
-            sources = _open_sources(args.input, args.format)
-            try:
-                report = Report.open(args.report) if args.report else None
-                try:
-                    return _run(args, sources, report, stop)
-                finally:
-                    if report is not None:
-                        report.close()
-            finally:
-                _close_sources(s for s in sources if not s.taken)
+            return _run(args, stop)
         except UsageError as exc:
             print(f"fetchpool: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except KeyboardInterrupt as exc:
-            return 128 + getattr(exc, "signum", signal.SIGINT)
