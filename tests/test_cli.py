@@ -594,6 +594,40 @@ def test_sigint_mid_batch_stops_cleans_up_and_leaves_a_valid_report(
     assert all(r["error"].endswith("cancelled") for r in stopped), stopped
 
 
+@pytest.mark.timeout(30)
+def test_sigint_while_stdin_stays_open_exits_at_once(server: ImageServer, tmp_path: Path) -> None:
+    # The input pipe never ends: the feeder stays blocked reading it.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fetchpool", "-i", "-", "-d", "out", "--progress"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    assert proc.stderr is not None
+    try:
+        proc.stdin.write(server.url("/any/first.png").encode() + b"\n")
+        proc.stdin.flush()
+        drawn = b""
+        while b"file" not in drawn:  # the bar is drawn: the handlers are in place
+            chunk = proc.stderr.read1(4096)
+            assert chunk, drawn
+            drawn += chunk
+        done = tmp_path / "out" / "first.png"
+        wait_for(done.exists, 10, lambda: "the first download")
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 130
+        assert time.monotonic() - start < 2
+        assert b"fetchpool: interrupted; 1 URLs: 1 downloaded" in drawn + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdin.close()
+        proc.stderr.close()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/wchan"), reason="needs Linux /proc")
 @pytest.mark.timeout(60)
 def test_a_second_sigint_exits_at_once(server: ImageServer, tmp_path: Path) -> None:

@@ -516,19 +516,23 @@ def _rows(urls: Sequence[str], inputs: Sequence[_Input]) -> Iterator[Row]:
     """Yield the argument URLs, then the rows of each input, lazily.
 
     Raises:
-        UsageError: a CSV input has no ``url`` column.
-        OSError: reading an input failed.
+        UsageError: an input cannot be read, or a CSV input has no ``url`` column.
     """
     for number, url in enumerate(urls, 1):
         yield _row(url, None, f"argument {number}")
     for source in inputs:
         lines = _lines(source.stream)
-        if source.format == "lines":
-            yield from _text_rows(source.name, lines)
-        elif source.format == "jsonl":
-            yield from _jsonl_rows(source.name, lines)
-        else:
-            yield from _csv_rows(source.name, lines, "\t" if source.format == "tsv" else ",")
+        try:
+            if source.format == "lines":
+                yield from _text_rows(source.name, lines)
+            elif source.format == "jsonl":
+                yield from _jsonl_rows(source.name, lines)
+            else:
+                yield from _csv_rows(source.name, lines, "\t" if source.format == "tsv" else ",")
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read input file {source.name}: {exc.strerror or exc}"
+            ) from exc
 
 
 # --------------------------------------------------------------------------- the run
@@ -573,8 +577,6 @@ class _Feeder(threading.Thread):
                 future.add_done_callback(partial(self._finished, row))
         except UsageError as exc:
             self.error = str(exc)
-        except OSError as exc:
-            self.error = f"cannot read the input: {exc.strerror or exc}"
         except Exception as exc:  # a bug: say so, and end the input
             log.exception("internal error while reading the input")
             self.error = f"internal error while reading the input: {exc!r}"
