@@ -507,7 +507,7 @@ def test_options_reach_the_downloader(
     assert main(["-d", str(dest), "-v", server.url("/fail/1/503/twice.png")]) == 0
     err = capsys.readouterr().err
     assert "fetchpool: INFO: retrying" in err
-    assert err.splitlines()[-1].startswith("fetchpool: 1 URLs: 1 downloaded")
+    assert err.splitlines()[-1].startswith("fetchpool: 1 URL: 1 downloaded")
 
 
 def test_tqdm_bar_total_known_open_ended_or_set_later() -> None:
@@ -619,7 +619,7 @@ def test_sigint_while_stdin_stays_open_exits_at_once(server: ImageServer, tmp_pa
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 130
         assert time.monotonic() - start < 2
-        assert b"fetchpool: interrupted; 1 URLs: 1 downloaded" in drawn + proc.stderr.read()
+        assert b"fetchpool: interrupted; 1 URL: 1 downloaded" in drawn + proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -350,6 +350,11 @@ def test_input_errors_raise_at_once(dest: Path) -> None:
         download_all([], dest, fsync="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         download_all([], dest, timeout=-1)
+    # Beyond what the platform's timers hold: a clear error now, not OverflowError per URL.
+    with pytest.raises(ValueError, match="at most"):
+        download_all([], dest, timeout=(5, 1e10))
+    with pytest.raises(ValueError, match="at most"):
+        download_all([], dest, deadline=1e10)
 
 
 def test_bad_urls_are_failed_results(dest: Path) -> None:

@@ -44,6 +44,9 @@ def test_summary_counts_downloaded_bytes_only() -> None:
     assert "1 skipped" in s
     assert "1 failed" in s
     assert pickle.loads(pickle.dumps(s)) == s
+    assert s.startswith("4 URLs: ")
+    one = Results([_results()[0]], elapsed=1.0).summary()
+    assert one.startswith("1 URL: 1 downloaded")
 
 
 def test_raise_for_errors() -> None:

@@ -44,7 +44,13 @@ def test_policy_is_frozen_and_coerces_int() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"attempts": 0}, {"wait_initial": -1}, {"budget": float("inf")}, {"jitter": float("nan")}],
+    [
+        {"attempts": 0},
+        {"wait_initial": -1},
+        {"budget": float("inf")},
+        {"jitter": float("nan")},
+        {"wait_max": 1e10},
+    ],
 )
 def test_policy_rejects_bad_numbers(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):

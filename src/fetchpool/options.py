@@ -11,7 +11,7 @@ from typing import Literal, TypedDict
 import requests
 
 from .results import ProgressEvent
-from .retry import RetryPolicy
+from .retry import MAX_SECONDS, RetryPolicy
 
 __all__ = ["DEFAULT_MAX_BYTES", "DownloadOptions", "Options", "make_options"]
 
@@ -63,8 +63,8 @@ class Options:
 def _positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
+    if not math.isfinite(value) or not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"{name} must be > 0 and at most {MAX_SECONDS:g} s, not {value!r}")
     return float(value)
 
 

@@ -122,8 +122,9 @@ class Summary(str):
         elapsed: float,
     ) -> Summary:
         throughput = nbytes / elapsed if elapsed > 0 else 0.0
+        urls = "1 URL" if total == 1 else f"{total} URLs"
         text = (
-            f"{total} URLs: {downloaded} downloaded, {skipped} skipped, {failed} failed; "
+            f"{urls}: {downloaded} downloaded, {skipped} skipped, {failed} failed; "
             f"{_human_bytes(nbytes)} in {elapsed:.2f} s ({_human_bytes(int(throughput))}/s)"
         )
         self = super().__new__(cls, text)

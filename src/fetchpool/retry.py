@@ -22,7 +22,11 @@ import tenacity
 
 from .errors import HTTPStatusError, TransferError
 
-__all__ = ["RETRY_STATUSES", "RetryPolicy", "is_retryable", "parse_retry_after"]
+__all__ = ["MAX_SECONDS", "RETRY_STATUSES", "RetryPolicy", "is_retryable", "parse_retry_after"]
+
+#: The longest time any option may name (about 31 years): beyond it, timers of the
+#: platform overflow, and an attempt would fail with an internal error, not a clear one.
+MAX_SECONDS = 1e9
 
 T = TypeVar("T")
 
@@ -67,8 +71,10 @@ class RetryPolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+            if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+                raise ValueError(
+                    f"{name} must be >= 0 and at most {MAX_SECONDS:g} s, not {value!r}"
+                )
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Return the backoff wait after failed attempt number ``attempt`` (1-based)."""
