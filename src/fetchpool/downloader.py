@@ -300,7 +300,12 @@ class Downloader:
             done: Future[DownloadResult] = Future()
             done.set_result(result)
             return done
-        future = self._executor.submit(self._run, task)
+        try:
+            future = self._executor.submit(self._run, task)
+        except BaseException:
+            # Closed meanwhile, or no thread could be started: the task never runs.
+            self._release_claims(task, None)
+            raise
         future.add_done_callback(partial(self._settle_cancelled, task))
         return future
 
