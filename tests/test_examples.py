@@ -135,6 +135,19 @@ def test_retry_policy_shows_attempts_per_url(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+def test_command_line_example_runs_the_command_and_reads_its_report(tmp_path: Path) -> None:
+    dest = tmp_path / "images"
+    out = run("command_line.py", "--dest", str(dest))
+    assert "$ fetchpool -i urls.txt" in out
+    assert "exit status 1" in out
+    assert re.search(r"urls\.txt:7 +InvalidURL", out), out
+    assert re.search(r"urls\.txt:8 +HTTPStatusError +HTTP 404", out), out
+    assert out.count(" downloaded ") == 4
+    # The second run finds every file and skips it.
+    assert out.strip().splitlines()[-1].startswith("fetchpool: 6 URLs: 0 downloaded, 4 skipped")
+    assert len(files_below(dest)) == 4
+
+
 def test_the_responses_example_passes_under_pytest() -> None:
     proc = run_process(
         "-m", "pytest", "examples/test_with_responses.py", "-q", "-p", "no:cacheprovider"
