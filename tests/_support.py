@@ -38,9 +38,10 @@ def held_locks(directory: Path) -> int:
     with open("/proc/locks", encoding="ascii") as f:
         for line in f:
             # "1: POSIX  ADVISORY  WRITE <pid> <maj>:<min>:<inode> <start> <end>";
-            # a blocked waiter's line has "->" after the number.
+            # a blocked waiter's line has "->" after the number. A READ lock is a
+            # process's presence, not a held file.
             fields = line.split()
-            if fields[1] == "POSIX" and fields[5] == ident:
+            if fields[1] == "POSIX" and fields[3] == "WRITE" and fields[5] == ident:
                 count += 1
     return count
 

@@ -162,7 +162,7 @@ def test_sweep_keeps_a_live_writers_temp_file(tmp_path: Path) -> None:
 
 def test_an_unwritable_directory_is_a_storage_error(tmp_path: Path) -> None:
     missing = tmp_path / "gone"
-    with pytest.raises(StorageError, match="cannot create lock file") as info:
+    with pytest.raises(StorageError, match="cannot create or lock") as info:
         PathLock(missing, "a" * 20).acquire()
     assert info.value.errno is not None
 
@@ -177,7 +177,7 @@ def test_a_filesystem_without_record_locks_is_a_storage_error(
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fcntl, "lockf", no_locks)
-    with pytest.raises(StorageError, match="cannot lock") as info:
+    with pytest.raises(StorageError, match="lock") as info:
         PathLock(tmp_path, "a" * 20).acquire()
     assert info.value.errno == errno.ENOLCK
     monkeypatch.undo()

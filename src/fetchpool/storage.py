@@ -8,8 +8,10 @@ Every key (derived from the final name) has one byte of ``.fetchpool-locks``, th
 directory's shared lock file, at an offset given by the key. One file per directory,
 kept open while the process uses it, instead of a lock file created and removed per
 download: those were journaled directory operations that concurrent writers contend
-for, and they cost more than everything else fetchpool adds to a transfer. The file is
-removed when the last user in the last process is done (see :class:`Pins`).
+for, and they cost more than everything else fetchpool adds to a transfer. Each process
+that has the file open holds a shared lock on its byte 0 (its presence), so the file is
+removed only by the last process to leave it (see :class:`Pins`), and a key lock never
+needs to check that its file is still the one in the directory.
 
 Temporary files are named ``.fetchpool-<key>-<random>.part`` and only exist while their
 writer holds the key's lock, so :func:`sweep` can tell a dead writer's leftovers from
@@ -25,6 +27,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import random
 import secrets
 import stat
 import threading
@@ -57,6 +60,7 @@ LOCK_FILE_NAME: Final = f"{RESERVED_PREFIX}locks"
 _PART_SUFFIX = ".part"
 _POLL_MIN = 0.002
 _POLL_MAX = 0.05
+_PRESENCE_TRIES = 1000
 
 
 class Cancelled(Exception):
@@ -70,13 +74,13 @@ def lock_key(final: Path) -> str:
 
 def _offset(key: str) -> int:
     # 60 bits of a hash of the key: two names sharing a byte is as unlikely as a hash
-    # collision, and the offset stays far inside off_t.
-    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+    # collision, and the offset stays far inside off_t. Byte 0 is the presence lock.
+    return 1 + int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
-def _try_lock(fd: int, offset: int, length: int = 1) -> bool:
+def _try_lock(fd: int, offset: int, length: int = 1, mode: int = fcntl.LOCK_EX) -> bool:
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, offset)
+        fcntl.lockf(fd, mode | fcntl.LOCK_NB, length, offset)
     except OSError as exc:
         # EACCES is what some systems return instead of EAGAIN for a held lock.
         if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -142,10 +146,11 @@ class _LockFiles:
 
     POSIX record locks belong to the process, and closing *any* descriptor of a file
     drops all of the process's locks on it: so a directory's file is opened once and
-    closed only when no thread uses it. A file is removed from the directory when its
-    last user here leaves, nobody pins the directory, and no other process holds any
-    lock in it (a whole-file lock proves that); a process that opened it meanwhile
-    finds it unlinked after locking and starts over with a new one.
+    closed only when no thread uses it. While open, the process holds a shared lock on
+    byte 0. The file is removed from the directory when its last user here leaves,
+    nobody pins the directory, and a whole-file lock proves that no other process has
+    it open; one that opens it just then finds it unlinked once it has its presence
+    lock, and opens the new one.
     """
 
     def __init__(self) -> None:
@@ -167,29 +172,24 @@ class _LockFiles:
         """Return the open lock file at ``path``, opening (creating) it if needed.
 
         Raises:
-            OSError: it cannot be created.
+            OSError: it cannot be created, or locked.
         """
         with self._mutex:
             entry = self._open.get(path)
             if entry is None:
-                entry = _LockFile(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666))
+                entry = _LockFile(_open_present(path))
                 self._open[path] = entry
             entry.users += 1
             return entry
 
-    def checkin(self, path: str, entry: _LockFile, *, stale: bool = False) -> None:
-        """Stop using ``entry``; ``stale``: it is no longer the file at ``path``."""
+    def checkin(self, path: str, entry: _LockFile) -> None:
+        """Stop using ``entry``; the last user closes it, and removes it if unused."""
         with self._mutex:
             entry.users -= 1
-            current = self._open.get(path) is entry
-            if stale and current:
-                del self._open[path]
-                current = False
-            if entry.users > 0 or (current and self._pins.get(path, 0) > 0):
+            if entry.users > 0 or self._pins.get(path, 0) > 0:
                 return
-            if current:
-                del self._open[path]
-                _remove_if_unused(path, entry.fd)
+            del self._open[path]
+            _remove_if_unused(path, entry.fd)
             os.close(entry.fd)
 
     def pin(self, path: str) -> None:
@@ -210,7 +210,7 @@ class _LockFiles:
                 fd = entry.fd
             else:
                 # A file left by a killed process: opening a second descriptor is safe
-                # here only because no lock of this process is in it.
+                # here only because this process has no lock in it.
                 try:
                     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 except OSError:
@@ -219,9 +219,25 @@ class _LockFiles:
             os.close(fd)
 
 
+def _open_present(path: str) -> int:
+    """Open (create) the lock file at ``path`` and take this process's presence lock."""
+    for _ in range(_PRESENCE_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            # Fails only while another process is removing the file.
+            if _try_lock(fd, 0, 1, fcntl.LOCK_SH) and _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        time.sleep(0.001)
+    raise OSError(errno.EAGAIN, f"{path} kept being removed while being opened")
+
+
 def _remove_if_unused(path: str, fd: int) -> None:
-    # Called with no lock of this process in the file, so a whole-file lock succeeds
-    # only if no other process holds one either.
+    # Called with no key lock of this process in the file (its own presence lock does
+    # not conflict): a whole-file lock succeeds only if no other process has it open.
     with contextlib.suppress(OSError):
         if _try_lock(fd, 0, 0) and _same_file(fd, path):
             os.unlink(path)
@@ -349,47 +365,40 @@ class PathLock:
             threading.Event().wait(delay)
 
     def _acquire_file(self, blocking: bool) -> _LockFile | None:
-        delay = _POLL_MIN
-        while True:
-            try:
-                entry = _LOCK_FILES.checkout(self._path)
-            except OSError as exc:
+        try:
+            entry = _LOCK_FILES.checkout(self._path)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create or lock the lock file in {self.directory}: {exc}",
+                url=self._url,
+                errno=exc.errno,
+            ) from exc
+        locked = False
+        try:
+            locked = _try_lock(entry.fd, self._offset)
+            delay = _POLL_MIN
+            # Another process holds it: poll, as a blocking lock could not be cancelled.
+            while not locked and blocking:
+                self._wait(delay)
+                delay = min(delay * 2, _POLL_MAX)
+                locked = _try_lock(entry.fd, self._offset)
+        except BaseException as exc:
+            if locked:
+                with contextlib.suppress(OSError):
+                    _unlock(entry.fd, self._offset)
+            _LOCK_FILES.checkin(self._path, entry)
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                # A filesystem without record locks (ENOLCK on some network mounts).
                 raise StorageError(
-                    f"cannot create lock file in {self.directory}: {exc}",
+                    f"cannot lock a file in {self.directory}: {exc}",
                     url=self._url,
                     errno=exc.errno,
                 ) from exc
-            locked = False
-            try:
-                locked = _try_lock(entry.fd, self._offset)
-                # Poll while another process holds it, but only as long as the file is
-                # still the one at the path: the last user removes it.
-                while not locked and blocking and _same_file(entry.fd, self._path):
-                    self._wait(delay)
-                    delay = min(delay * 2, _POLL_MAX)
-                    locked = _try_lock(entry.fd, self._offset)
-                # The file we locked must still be the one at the path.
-                current = _same_file(entry.fd, self._path)
-                if locked and current:
-                    return entry
-                if locked:
-                    _unlock(entry.fd, self._offset)
-            except BaseException as exc:
-                if locked:
-                    with contextlib.suppress(OSError):
-                        _unlock(entry.fd, self._offset)
-                _LOCK_FILES.checkin(self._path, entry)
-                if isinstance(exc, OSError) and not isinstance(exc, StorageError):
-                    # A filesystem without record locks (ENOLCK on some network mounts).
-                    raise StorageError(
-                        f"cannot lock a file in {self.directory}: {exc}",
-                        url=self._url,
-                        errno=exc.errno,
-                    ) from exc
-                raise
-            _LOCK_FILES.checkin(self._path, entry, stale=not current)
-            if not locked and not blocking and current:
-                return None
+            raise
+        if not locked:
+            _LOCK_FILES.checkin(self._path, entry)
+            return None
+        return entry
 
     def release(self) -> None:
         """Release the lock."""
@@ -466,7 +475,11 @@ class TempFile:
 
     def __init__(self, directory: Path, key: str, url: str = "") -> None:
         self._url = url
-        self.path = directory / f"{RESERVED_PREFIX}{key}-{secrets.token_hex(6)}{_PART_SUFFIX}"
+        # Unique enough beside a dead writer's leftovers; unlike secrets, random needs no
+        # system call (each one lets 15 other threads take the GIL), and it is reseeded
+        # in a forked child.
+        suffix = f"{random.getrandbits(48):012x}"
+        self.path = directory / f"{RESERVED_PREFIX}{key}-{suffix}{_PART_SUFFIX}"
         self.size = 0
         try:
             self._fd: int | None = os.open(
