@@ -627,7 +627,8 @@ class Downloader:
         chunks = body.chunks()
         head = b""
         for chunk in chunks:
-            head += chunk
+            # Usually the first chunk is enough: keep it as it is rather than copy it.
+            head = head + chunk if head else chunk
             if len(head) >= SNIFF_BYTES:
                 break
         if self._opts.verify == "image" and sniff_image(head[:SNIFF_BYTES]) is None:
