@@ -134,7 +134,9 @@ def load_pyplot() -> ModuleType | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    return plt
+    # Typed whether or not matplotlib (and so its type information) is installed.
+    pyplot: ModuleType = plt
+    return pyplot
 
 
 def draw_chart(plt: ModuleType, rows: list[Row], ideal: float | None, n: int, out: Path) -> None:
