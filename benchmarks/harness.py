@@ -67,6 +67,19 @@ class ScenarioResult:
     profiles: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, scenario: Scenario) -> ScenarioResult:
+        """An empty result for ``scenario``."""
+        return cls(
+            scenario.name,
+            scenario.title,
+            scenario.n_urls,
+            scenario.workers,
+            scenario.latency,
+            scenario.dest_root,
+            scenario.note,
+        )
+
     def medians(self) -> dict[str, float]:
         """Median seconds per contestant, in first-run order."""
         by: dict[str, list[float]] = {}
@@ -332,15 +345,7 @@ def run_download_scenario(
     With ``profile_dir``, fetchpool and the hand pool then run twice more under py-spy
     (profiles only, not timed); ``profile_only`` skips the timed runs.
     """
-    result = ScenarioResult(
-        scenario.name,
-        scenario.title,
-        scenario.n_urls,
-        scenario.workers,
-        scenario.latency,
-        scenario.dest_root,
-        scenario.note,
-    )
+    result = ScenarioResult.of(scenario)
     chosen = []
     for name in contestants:
         reason = scenario.skip.get(name) or unavailable(name)
@@ -401,15 +406,7 @@ def run_download_scenario(
 
 def run_peak_rss(scenario: Scenario, repeat: int, *, log: IO[str] = sys.stderr) -> ScenarioResult:
     """Peak RSS of fetchpool on the big file, and of ``map()`` at two URL counts."""
-    result = ScenarioResult(
-        scenario.name,
-        scenario.title,
-        scenario.n_urls,
-        scenario.workers,
-        scenario.latency,
-        scenario.dest_root,
-        scenario.note,
-    )
+    result = ScenarioResult.of(scenario)
     with ServerProcess(server_config(scenario, collection="small")) as server:
         url, sha, _ = server.big_url()
         for _ in range(repeat):
