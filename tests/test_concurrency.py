@@ -537,6 +537,7 @@ def _check_cancelled(
         result = fut.result(timeout=0)  # never raises for an in-flight one
         assert result.status == "failed", result
         assert isinstance(result.error, TransferError), result.error
+        assert result.error.cancelled, result.error
         assert result.path is None
     for fut in pending:
         assert fut.cancelled(), f"a pending download was not cancelled: {fut}"

@@ -47,6 +47,9 @@ def test_extra_attributes_survive_pickling() -> None:
     assert (h.status_code, h.retry_after) == (503, 2.5)
     t = pickle.loads(pickle.dumps(TransferError("m", "u", retryable=False)))
     assert t.retryable is False
+    assert t.cancelled is False
+    c = pickle.loads(pickle.dumps(TransferError("m", "u", cancelled=True)))
+    assert (c.cancelled, c.retryable) == (True, False)  # a cancelled download is final
     s = pickle.loads(pickle.dumps(StorageError("disk full", "u", errno=28)))
     assert s.errno == 28
 

@@ -658,9 +658,8 @@ def _signals() -> Iterator[_StopRequest]:
 
 
 def _was_cancelled(result: DownloadResult) -> bool:
-    # The library marks a download stopped by close(cancel=True) only by its message.
     error = result.error
-    return isinstance(error, TransferError) and error.message.endswith(" cancelled")
+    return isinstance(error, TransferError) and error.cancelled
 
 
 def _record(row: Row, result: DownloadResult) -> str:

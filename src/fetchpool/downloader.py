@@ -434,7 +434,7 @@ class Downloader:
             result = self._failed(task, exc, attempts[0], start)
         except Cancelled:
             shown = task.shown
-            cancelled = TransferError(f"download of {shown} cancelled", url=shown, retryable=False)
+            cancelled = TransferError(f"download of {shown} cancelled", url=shown, cancelled=True)
             result = self._failed(task, cancelled, attempts[0], start)
         except Exception as exc:
             # A bug here must not lose the URL: it becomes that URL's failure.

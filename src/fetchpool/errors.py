@@ -83,14 +83,19 @@ class TransferError(FetchError):
     Attributes:
         retryable: whether another attempt can help (``False`` for malformed framing or
             a cancelled download).
+        cancelled: the download was stopped by ``Downloader.close(cancel=True)`` or an
+            interrupt, not by anything the server did.
     """
 
-    def __init__(self, message: str, url: str = "", retryable: bool = True) -> None:
+    def __init__(
+        self, message: str, url: str = "", retryable: bool = True, cancelled: bool = False
+    ) -> None:
         super().__init__(message, url)
-        self.retryable = retryable
+        self.retryable = retryable and not cancelled
+        self.cancelled = cancelled
 
     def _extra(self) -> tuple[Any, ...]:
-        return (self.retryable,)
+        return (self.retryable, self.cancelled)
 
 
 class TooLargeError(FetchError):

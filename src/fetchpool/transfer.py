@@ -150,7 +150,7 @@ def network_error(
         return _describe(exc, secrets)
 
     if guard is not None and guard.cancelled:
-        return TransferError(f"download of {shown} cancelled", url=shown, retryable=False)
+        return TransferError(f"download of {shown} cancelled", url=shown, cancelled=True)
     if guard is not None and guard.fired:
         return TransferError(
             f"{guard.limit} of {guard.seconds:.3g} s exceeded {during} {shown}", url=shown
