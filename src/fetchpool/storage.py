@@ -189,8 +189,7 @@ class _LockFiles:
             if entry.users > 0 or self._pins.get(path, 0) > 0:
                 return
             del self._open[path]
-            _remove_if_unused(path, entry.fd)
-            os.close(entry.fd)
+            _close_and_remove_if_unused(path, entry.fd)
 
     def pin(self, path: str) -> None:
         with self._mutex:
@@ -215,8 +214,7 @@ class _LockFiles:
                     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 except OSError:
                     return
-            _remove_if_unused(path, fd)
-            os.close(fd)
+            _close_and_remove_if_unused(path, fd)
 
 
 def _open_present(path: str) -> int:
@@ -235,12 +233,14 @@ def _open_present(path: str) -> int:
     raise OSError(errno.EAGAIN, f"{path} kept being removed while being opened")
 
 
-def _remove_if_unused(path: str, fd: int) -> None:
+def _close_and_remove_if_unused(path: str, fd: int) -> None:
     # Called with no key lock of this process in the file (its own presence lock does
     # not conflict): a whole-file lock succeeds only if no other process has it open.
+    # Unlinked before the close, which drops that lock.
     with contextlib.suppress(OSError):
         if _try_lock(fd, 0, 0) and _same_file(fd, path):
             os.unlink(path)
+    os.close(fd)
 
 
 _THREAD_LOCKS = _ThreadLocks()
@@ -373,7 +373,6 @@ class PathLock:
                 url=self._url,
                 errno=exc.errno,
             ) from exc
-        locked = False
         try:
             locked = _try_lock(entry.fd, self._offset)
             delay = _POLL_MIN
@@ -383,9 +382,7 @@ class PathLock:
                 delay = min(delay * 2, _POLL_MAX)
                 locked = _try_lock(entry.fd, self._offset)
         except BaseException as exc:
-            if locked:
-                with contextlib.suppress(OSError):
-                    _unlock(entry.fd, self._offset)
+            # Nothing here raises once the lock is taken: there is none to undo.
             _LOCK_FILES.checkin(self._path, entry)
             if isinstance(exc, OSError) and not isinstance(exc, StorageError):
                 # A filesystem without record locks (ENOLCK on some network mounts).
