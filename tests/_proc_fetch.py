@@ -5,6 +5,7 @@ Usage: ``python _proc_fetch.py CONFIG.json`` where the JSON object holds
 - ``urls`` (list of str), ``dest`` (str), ``workers`` (int);
 - ``out`` (str or null): where to write the results as JSON (written atomically);
 - ``ready`` (str or null): a file created once fetchpool is imported;
+- ``named_temp_files`` (bool): use named ``.part`` files, not ``O_TMPFILE``;
 - ``go`` (str or null): a file to wait for (at most ``go_timeout`` seconds) before starting.
 
 On ``KeyboardInterrupt`` the child writes ``{"interrupted": true}`` to ``out`` and lets the
@@ -35,6 +36,11 @@ def main(config_path: str) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     config = json.loads(Path(config_path).read_text(encoding="utf-8"))
     from fetchpool import download_all  # imported here: "ready" means imported
+
+    if config.get("named_temp_files"):
+        import fetchpool.storage
+
+        fetchpool.storage.UNNAMED = False
 
     out: str | None = config.get("out")
     if config.get("ready"):

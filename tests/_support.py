@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fetchpool.naming import RESERVED_PREFIX
 from fetchpool.storage import LOCK_FILE_NAME
 
 #: A small but valid-looking PNG body (the sniffer only needs the signature).
@@ -24,6 +25,43 @@ def listing(directory: Path) -> list[str]:
         for root, dirs, files in os.walk(directory)
         for name in dirs + files
     )
+
+
+def temp_files(directory: Path, pid: int | None = None) -> list[str]:
+    """The temporary files in ``directory``: named ``.part`` files, and unnamed ones.
+
+    An unnamed (``O_TMPFILE``) file has no entry in the directory; it shows only among
+    the open files of its writer, process ``pid`` (this one by default), as
+    ``<pid>:<fd>``.
+    """
+    named = sorted(
+        n for n in os.listdir(directory) if n.startswith(RESERVED_PREFIX) and n.endswith(".part")
+    )
+    return named + _unnamed(directory, os.getpid() if pid is None else pid)
+
+
+def temp_sizes(directory: Path, pid: int | None = None) -> list[int]:
+    """Sizes of :func:`temp_files` (a file gone meanwhile is left out)."""
+    sizes = []
+    for name in temp_files(directory, pid):
+        proc, colon, fd = name.partition(":")
+        path = f"/proc/{proc}/fd/{fd}" if colon else str(directory / name)
+        with contextlib.suppress(FileNotFoundError):
+            sizes.append(os.stat(path).st_size)
+    return sizes
+
+
+def _unnamed(directory: Path, pid: int) -> list[str]:
+    # The kernel shows an O_TMPFILE file as "<directory>/#<inode> (deleted)".
+    prefix = os.path.join(os.path.realpath(directory), "#")
+    found = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith(prefix) and target.endswith(" (deleted)"):
+                    found.append(f"{pid}:{fd}")
+    return found
 
 
 def held_locks(directory: Path) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import responses
 
+import fetchpool.storage
 from fetchpool.testing import instant_retries
 
 
@@ -16,6 +17,16 @@ def waits() -> Iterator[list[float]]:
     """Retry waits are recorded instead of slept."""
     with instant_retries() as recorded:
         yield recorded
+
+
+@pytest.fixture(params=["unnamed", "named"])
+def temp_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with unnamed (``O_TMPFILE``) temporary files, then with named ones."""
+    mode: str = request.param
+    if mode == "unnamed" and not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here")
+    monkeypatch.setattr(fetchpool.storage, "UNNAMED", mode == "unnamed")
+    return mode
 
 
 @pytest.fixture

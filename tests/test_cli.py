@@ -34,14 +34,13 @@ from typing import Any
 
 import pytest
 
-from _support import listing
+from _support import listing, temp_files
 from fetchpool import ProgressEvent, __version__
 from fetchpool.cli import MAX_LINE, _lines, main, parse_header, parse_size, parse_timeout
 from fetchpool.downloader import Downloader
 from fetchpool.progress import TqdmBar
 from fetchpool.testing import ImageServer, make_image
 
-RESERVED = ".fetchpool-"
 REPORT_KEYS = {
     "url",
     "path",
@@ -99,10 +98,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: Callable[[], s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what()}")
         time.sleep(0.01)
-
-
-def temp_files(directory: Path) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if n.startswith(RESERVED))
 
 
 # --------------------------------------------------------------------------- a stalling server
@@ -564,7 +559,7 @@ def test_sigint_mid_batch_stops_cleans_up_and_leaves_a_valid_report(
         def busy() -> bool:
             assert proc.poll() is None, stderr.read_text()
             done = len(report.read_text().splitlines()) if report.exists() else 0
-            parts = [n for n in temp_files(dest) if n.endswith(".part")] if dest.exists() else []
+            parts = temp_files(dest, proc.pid) if dest.exists() else []
             return done == len(fast) and len(parts) == len(big)
 
         # The report is written as the run goes, and 32 transfers are in flight.

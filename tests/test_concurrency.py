@@ -8,7 +8,8 @@ fetchpool reads bodies 256 KiB at a time and creates the temporary file only aft
 read, so the ``ImageServer`` images (8-64 KiB, one read) never leave a temporary file on disk
 mid-transfer, not even on ``/drip/``: there only the lock file shows. :class:`StallServer`
 below serves larger images whose body stops after a first part until the test releases it,
-which puts a real, partial ``.part`` file on disk at a moment the test can wait for.
+which puts a real, partial temporary file on disk at a moment the test can wait for. An
+unnamed (``O_TMPFILE``) one shows among its writer's open files, not in the directory.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 
 import pytest
 
-from _support import held_locks, listing
+from _support import held_locks, listing, temp_files, temp_sizes
 from fetchpool import Downloader, DownloadResult, TransferError, download_all
 from fetchpool.storage import LOCK_FILE_NAME
 from fetchpool.testing import ImageServer, make_image
@@ -67,25 +68,10 @@ def wait_for(
         threading.Event().wait(interval)
 
 
-def temp_files(directory: Path) -> list[str]:
-    return sorted(
-        n for n in os.listdir(directory) if n.startswith(RESERVED) and n.endswith(".part")
-    )
-
-
 def lock_files(directory: Path) -> list[str]:
     return sorted(
         n for n in os.listdir(directory) if n.startswith(RESERVED) and not n.endswith(".part")
     )
-
-
-def temp_sizes(directory: Path) -> list[int]:
-    """Sizes of the temporary files (one listing; a file gone meanwhile is left out)."""
-    sizes = []
-    for name in temp_files(directory):
-        with contextlib.suppress(FileNotFoundError):
-            sizes.append((directory / name).stat().st_size)
-    return sizes
 
 
 def final_files(directory: Path) -> list[str]:
@@ -421,8 +407,9 @@ def test_two_processes_same_batch_same_dest(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed-temp", "named-temp"])
 def test_sigkill_mid_download_then_rerun_sweeps_leftovers(
-    server: ImageServer, stall: StallServer, dest: Path, tmp_path: Path
+    server: ImageServer, stall: StallServer, dest: Path, tmp_path: Path, named: bool
 ) -> None:
     fast = [server.url(f"/any/k/fast{i}.png") for i in range(40)]
     big = [stall.url(f"/big/big{i}.png") for i in range(4)]
@@ -431,12 +418,14 @@ def test_sigkill_mid_download_then_rerun_sweeps_leftovers(
     expected = {u.rsplit("/", 1)[-1]: server.expected(u) for u in fast}
     expected.update({u.rsplit("/", 1)[-1]: stall.expected(u) for u in big + held})
 
-    child = Child(tmp_path / "procs", "killed", urls=urls, dest=str(dest), workers=8)
+    child = Child(
+        tmp_path / "procs", "killed", urls=urls, dest=str(dest), workers=8, named_temp_files=named
+    )
     try:
         wait_in_child(
             child,
             lambda: (
-                len(sizes := temp_sizes(dest)) == len(big)
+                len(sizes := temp_sizes(dest, child.proc.pid)) == len(big)
                 and min(sizes) > 0
                 and held_locks(dest) == len(big) + len(held)
                 and len(final_files(dest)) == len(fast)
@@ -449,13 +438,18 @@ def test_sigkill_mid_download_then_rerun_sweeps_leftovers(
     finally:
         child.cleanup()
 
-    # The dead writer's leftovers are there, partial; nothing partial has a final name.
     leftovers = temp_files(dest)
-    assert len(leftovers) == len(big)
-    assert all(0 < (dest / n).stat().st_size < _BIG_SIZE for n in leftovers)
-    # Its lock file too, but the kernel released every lock the dead process held in it.
+    if named:
+        # The dead writer's named temporary files are there, partial.
+        assert len(leftovers) == len(big)
+        assert all(0 < (dest / n).stat().st_size < _BIG_SIZE for n in leftovers)
+    else:
+        # Unnamed ones died with their writer.
+        assert leftovers == []
+    # Its lock file is left, but the kernel released every lock the dead process held.
     assert lock_files(dest) == [LOCK_FILE_NAME]
     assert held_locks(dest) == 0
+    # Nothing partial has a final name.
     for name in final_files(dest):
         assert name in expected, f"unexpected file {name}"
         assert (dest / name).read_bytes() == expected[name], f"{name} is partial"
@@ -488,7 +482,10 @@ def test_sigint_during_batch_interrupts_and_cleans_up(
     try:
         wait_in_child(
             child,
-            lambda: len(temp_files(dest)) == len(big) and len(final_files(dest)) == len(fast),
+            lambda: (
+                len(temp_files(dest, child.proc.pid)) == len(big)
+                and len(final_files(dest)) == len(fast)
+            ),
             30,
             "the child to be mid-transfer",
         )

@@ -664,13 +664,17 @@ def test_read_only_dest_by_chmod(server: ImageServer, dest: Path) -> None:
 
 
 def _deny(monkeypatch: pytest.MonkeyPatch, match: Callable[[str], bool]) -> list[str]:
-    """Make ``os.open`` with ``O_CREAT`` fail with EACCES for paths ``match`` selects."""
+    """Make ``os.open`` creating a file fail with EACCES for paths ``match`` selects.
+
+    An unnamed (``O_TMPFILE``) file is created by opening its directory.
+    """
     real_open = os.open
     denied: list[str] = []
 
     def fake_open(path: Any, flags: int, mode: int = 0o777, *args: Any, **kwargs: Any) -> int:
         text = os.fsdecode(path)
-        if flags & os.O_CREAT and match(text):
+        creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
+        if creates and match(text):
             denied.append(text)
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), text)
         return real_open(path, flags, mode, *args, **kwargs)
@@ -699,14 +703,22 @@ def test_read_only_directory_simulated(
 
 
 def test_temp_file_permission_denied(
-    server: ImageServer, dest: Path, monkeypatch: pytest.MonkeyPatch, waits: list[float]
+    server: ImageServer,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    waits: list[float],
+    temp_mode: str,
 ) -> None:
     # The lock can be taken, only the temporary file cannot be created.
+    sub = dest / "sub"
+    sub.mkdir()
+    named = str(sub / ".fetchpool-")
+    denied = _deny(
+        monkeypatch, lambda p: p == str(sub) or (p.startswith(named) and p.endswith(".part"))
+    )
     bad_name, good_name = uniq("eacces"), uniq("fine")
-    prefix = os.path.join(dest, f".fetchpool-{lock_key(dest / bad_name)}-")
-    denied = _deny(monkeypatch, lambda p: p.startswith(prefix) and p.endswith(".part"))
     bad, good = server.url(f"/any/{bad_name}"), server.url(f"/any/{good_name}")
-    results = download_all([bad, good], dest)
+    results = download_all({bad: f"sub/{bad_name}", good: good_name}, dest)
     monkeypatch.undo()
     assert denied
     err = assert_failed(results[0], StorageError, 1)  # never retried
@@ -715,15 +727,19 @@ def test_temp_file_permission_denied(
     assert waits == []
     assert server.hits(f"/any/{bad_name}") == 1
     assert_downloaded(results[1], server, good)
-    assert listing(dest) == [good_name]
+    assert listing(dest) == sorted([good_name, "sub"])
 
 
 def test_disk_full(
-    server: ImageServer, dest: Path, monkeypatch: pytest.MonkeyPatch, waits: list[float]
+    server: ImageServer,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    waits: list[float],
+    temp_mode: str,
 ) -> None:
     full_name = uniq("enospc")
     others = [uniq("room") for _ in range(3)]
-    doomed_prefix = f".fetchpool-{lock_key(dest / full_name)}-"
+    doomed_key = lock_key(dest / full_name)
     doomed: set[int] = set()
     written: dict[int, int] = {}
     refused: list[int] = []
@@ -732,7 +748,7 @@ def test_disk_full(
 
     def init(self: fetchpool.storage.TempFile, *args: Any, **kwargs: Any) -> None:
         real_init(self, *args, **kwargs)
-        if self.path.name.startswith(doomed_prefix) and self._fd is not None:
+        if self.key == doomed_key and self._fd is not None:
             doomed.add(self._fd)
 
     def write(fd: int, data: Any) -> int:

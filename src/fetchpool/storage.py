@@ -1,8 +1,9 @@
 """The local side: per-file locks, temporary files and atomic replacement.
 
 DESIGN rules 1 and 2: bytes stream into a temporary file in the target's directory
-and reach the final name only through ``os.replace``; one writer at a time per final
-path, across threads (an in-process lock) and processes (a POSIX record lock).
+and reach the final name only when complete, atomically (``linkat`` of an unnamed
+file, or ``os.replace``); one writer at a time per final path, across threads (an
+in-process lock) and processes (a POSIX record lock).
 
 Every key (derived from the final name) has one byte of ``.fetchpool-locks``, the
 directory's shared lock file, at an offset given by the key. One file per directory,
@@ -13,7 +14,9 @@ that has the file open holds a shared lock on its byte 0 (its presence), so the 
 removed only by the last process to leave it (see :class:`Pins`), and a key lock never
 needs to check that its file is still the one in the directory.
 
-Temporary files are named ``.fetchpool-<key>-<random>.part`` and only exist while their
+Temporary files are unnamed where the filesystem allows (``O_TMPFILE``): the kernel
+frees them with their writer. Named ones (the fallback, and the moment before a file
+replaces another) are ``.fetchpool-<key>-<random>.part`` and only exist while their
 writer holds the key's lock, so :func:`sweep` can tell a dead writer's leftovers from
 live ones with no guessing about process ids or ages.
 
@@ -461,10 +464,21 @@ def read_origin(path: Path) -> str | None:
 
 
 class TempFile:
-    """A temporary file beside a final path, committed with ``os.replace``.
+    """A temporary file beside a final path, committed atomically.
 
-    Create it only while holding the :class:`PathLock` of the same key. It is created
-    with mode ``0o666`` so the final file gets the process umask's permissions.
+    Create it only while holding the :class:`PathLock` of the same key. Where the
+    filesystem allows (Linux ``O_TMPFILE``), the file has no name until :meth:`commit`
+    links it at the final one: a writer that dies leaves nothing behind, and the commit
+    is one ``linkat`` instead of a create and a rename, the two directory operations that
+    concurrent writers in one directory contend for. Where a file already stands at the
+    final name, or ``O_TMPFILE`` is unsupported, the file is named
+    ``.fetchpool-<key>-<random>.part`` and moved with ``os.replace``. It is created with
+    mode ``0o666`` so the final file gets the process umask's permissions.
+
+    Attributes:
+        key: the key it was created for.
+        path: its name, or ``None`` while it has none.
+        size: the bytes written so far.
 
     Raises:
         StorageError: any local failure (disk full, permission...), with the errno.
@@ -472,18 +486,26 @@ class TempFile:
 
     def __init__(self, directory: Path, key: str, url: str = "") -> None:
         self._url = url
+        self._directory = directory
+        self.key = key
+        self.path: Path | None = None
+        self.size = 0
+        try:
+            self._fd: int | None = _open_unnamed(directory) if UNNAMED else None
+            if self._fd is None:
+                self.path = self._new_name()
+                self._fd = os.open(
+                    self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
+                )
+        except OSError as exc:
+            raise self._error("cannot create a file in", directory, exc) from exc
+
+    def _new_name(self) -> Path:
         # Unique enough beside a dead writer's leftovers; unlike secrets, random needs no
         # system call (each one lets 15 other threads take the GIL), and it is reseeded
         # in a forked child.
         suffix = f"{random.getrandbits(48):012x}"
-        self.path = directory / f"{RESERVED_PREFIX}{key}-{suffix}{_PART_SUFFIX}"
-        self.size = 0
-        try:
-            self._fd: int | None = os.open(
-                self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
-            )
-        except OSError as exc:
-            raise self._error("cannot create a file in", directory, exc) from exc
+        return self._directory / f"{RESERVED_PREFIX}{self.key}-{suffix}{_PART_SUFFIX}"
 
     def _error(self, what: str, where: Path, exc: OSError) -> StorageError:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -498,30 +520,40 @@ class TempFile:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as exc:
-            raise self._error("cannot write to", self.path.parent, exc) from exc
+            raise self._error("cannot write to", self._directory, exc) from exc
         self.size += len(data)
 
     def commit(self, final: Path, origin: str | None, fsync: bool) -> bool:
         """Move the file to ``final`` atomically.
 
         Args:
-            final: the final path; a symlink there is replaced, not followed.
+            final: the final path, in the same directory; whatever stands there (a
+                file, a symlink) is replaced, never written through.
             origin: the URL to record in ``user.xdg.origin.url``, if any.
             fsync: flush the file and its directory to disk first.
 
         Returns:
             Whether the origin was recorded (``False`` where xattrs are unsupported).
         """
-        assert self._fd is not None
+        fd = self._fd
+        assert fd is not None
         recorded = False
         try:
             if origin is not None:
-                recorded = _set_origin(self._fd, origin)
+                recorded = _set_origin(fd, origin)
             if fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
+                os.fsync(fd)
+            if self.path is None and not _link_unnamed(fd, final):
+                # Something stands at the final name. Name the file, then replace.
+                while self.path is None:
+                    name = self._new_name()
+                    if _link_unnamed(fd, name):
+                        self.path = name
             self._fd = None
-            os.replace(self.path, final)
+            os.close(fd)
+            if self.path is not None:
+                os.replace(self.path, final)
+                self.path = None
             if fsync:
                 _fsync_dir(final.parent)
         except OSError as exc:
@@ -535,8 +567,46 @@ class TempFile:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
+
+
+#: Whether :class:`TempFile` tries ``O_TMPFILE`` first (tests turn it off to exercise
+#: the named files that remain the fallback).
+UNNAMED: bool = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+# What open(O_TMPFILE) fails with where the filesystem (or an old kernel) lacks it.
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL)
+
+
+def _open_unnamed(directory: Path) -> int | None:
+    """Open an unnamed file in ``directory``; ``None`` if the filesystem can't.
+
+    Raises:
+        OSError: any other failure (permission, a missing directory...).
+    """
+    try:
+        return os.open(directory, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE:
+            return None
+        raise
+
+
+def _link_unnamed(fd: int, path: Path) -> bool:
+    """Give the file open as ``fd`` the name ``path``; ``False`` if the name is taken.
+
+    ``linkat`` through ``/proc`` with ``AT_SYMLINK_FOLLOW`` is the unprivileged way to
+    name an ``O_TMPFILE`` file (``AT_EMPTY_PATH`` needs CAP_DAC_READ_SEARCH). Python
+    calls ``linkat`` only when given a directory descriptor: ``fd`` serves, as the
+    absolute paths make ``linkat`` ignore it.
+    """
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=fd, follow_symlinks=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _set_origin(fd: int, origin: str) -> bool:

@@ -1,0 +1,119 @@
+"""TempFile: unnamed (``O_TMPFILE``) and named temporary files, and their commit.
+
+DESIGN rule 1 (nothing partial at a final name, no temporary file behind) and rule 3 (a
+symlink at the final path is replaced, not written through), at the storage level.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fetchpool.storage
+from _support import listing, temp_files, temp_sizes
+from fetchpool import StorageError
+from fetchpool.storage import TempFile, lock_key, read_origin
+
+KEY = lock_key(Path("x.png"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_temp_file_has_no_final_name_until_commit(dest: Path, temp_mode: str) -> None:
+    tmp = TempFile(dest, KEY, "http://h/x.png")
+    tmp.write(b"half")
+    assert temp_sizes(dest) == [4]
+    if temp_mode == "unnamed":
+        assert tmp.path is None
+        assert listing(dest) == []  # nothing in the directory at all
+    else:
+        assert tmp.path is not None
+        assert listing(dest) == [tmp.path.name]
+        assert tmp.path.name.startswith(f".fetchpool-{KEY}-")
+        assert tmp.path.name.endswith(".part")
+    tmp.write(memoryview(b" and the rest"))
+    assert tmp.size == 17
+    assert tmp.commit(dest / "x.png", "http://h/x.png", fsync=False) is True
+    assert listing(dest) == ["x.png"]
+    assert temp_files(dest) == []
+    assert (dest / "x.png").read_bytes() == b"half and the rest"
+    assert read_origin(dest / "x.png") == "http://h/x.png"
+    mode = stat.S_IMODE(os.stat(dest / "x.png").st_mode)
+    assert mode == 0o666 & ~_umask(), oct(mode)
+
+
+def test_commit_replaces_a_file_and_a_symlink(dest: Path, tmp_path: Path, temp_mode: str) -> None:
+    (dest / "x.png").write_bytes(b"old")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not yours")
+    (dest / "link.png").symlink_to(outside)
+    for name in ("x.png", "link.png"):
+        tmp = TempFile(dest, KEY)
+        tmp.write(b"new " + name.encode())
+        tmp.commit(dest / name, None, fsync=True)
+        assert not (dest / name).is_symlink()
+        assert (dest / name).read_bytes() == b"new " + name.encode()
+    assert outside.read_bytes() == b"not yours"
+    assert listing(dest) == ["link.png", "x.png"]
+    assert temp_files(dest) == []
+
+
+def test_commit_onto_a_directory_fails_and_leaves_nothing(dest: Path, temp_mode: str) -> None:
+    (dest / "x.png").mkdir()
+    tmp = TempFile(dest, KEY, "http://h/x.png")
+    tmp.write(b"data")
+    with pytest.raises(StorageError) as info:
+        tmp.commit(dest / "x.png", None, fsync=False)
+    assert info.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+    assert info.value.url == "http://h/x.png"
+    assert listing(dest) == ["x.png"]
+    assert temp_files(dest) == []
+
+
+def test_discard_leaves_nothing(dest: Path, temp_mode: str) -> None:
+    tmp = TempFile(dest, KEY)
+    tmp.write(b"partial")
+    tmp.discard()
+    tmp.discard()  # idempotent
+    assert listing(dest) == []
+    assert temp_files(dest) == []
+
+
+def test_falls_back_to_a_named_file_without_o_tmpfile(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    real_open = os.open
+    refused: list[str] = []
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused.append(os.fsdecode(path))
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    tmp = TempFile(dest, KEY)
+    assert refused == [str(dest)]
+    assert tmp.path is not None
+    assert listing(dest) == [tmp.path.name]
+    tmp.write(b"data")
+    tmp.commit(dest / "x.png", None, fsync=False)
+    assert listing(dest) == ["x.png"]
+
+
+def test_other_failures_to_create_are_storage_errors(tmp_path: Path, temp_mode: str) -> None:
+    with pytest.raises(StorageError, match="cannot create a file in") as info:
+        TempFile(tmp_path / "missing", KEY, "http://h/x.png")
+    assert info.value.errno == errno.ENOENT
+    assert listing(tmp_path) == []
