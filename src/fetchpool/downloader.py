@@ -56,6 +56,7 @@ from .storage import (
     PathLock,
     Pins,
     TempFile,
+    child_path,
     inspect_target,
     lock_key,
     supports_xattrs,
@@ -118,7 +119,7 @@ class _Claims:
 
     def url_name(self, directory: Path, name: str, url: str, origin: str) -> Path:
         """Claim ``directory/name`` for ``url``, or its derived name if another URL has it."""
-        path = directory / name
+        path = child_path(directory, name)
         with self._lock:
             owner = self._owners.get(path)
         # Looked at outside the lock: its syscalls release the GIL, and workers ending
@@ -136,7 +137,7 @@ class _Claims:
                     and found.origin not in (None, origin)
                 )
             if taken:
-                path = directory / derived_name(name, url)
+                path = child_path(directory, derived_name(name, url))
             self._add(path, origin)
         return path
 
@@ -537,7 +538,7 @@ class Downloader:
                 if found.kind == "file" and foreign and may_derive:
                     # Another URL's file holds the plain name: use this URL's own name.
                     lock.release()
-                    path = path.with_name(derived_name(path.name, task.url))
+                    path = child_path(path.parent, derived_name(path.name, task.url))
                     self._claims.add(path, task.origin)
                     task.claimed.append(path)
                     may_derive = False
