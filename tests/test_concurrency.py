@@ -41,7 +41,7 @@ import pytest
 
 from _support import held_locks, listing, temp_files, temp_sizes
 from fetchpool import Downloader, DownloadResult, TransferError, download_all
-from fetchpool.storage import LOCK_FILE_NAME
+from fetchpool.storage import LOCK_FILE_NAME, child_path
 from fetchpool.testing import ImageServer, make_image
 
 TESTS = Path(__file__).resolve().parent
@@ -753,9 +753,10 @@ def test_map_over_large_generator_in_flat_memory(server_process: str, dest: Path
     assert produced == 3000
     assert ahead <= 4 * workers, f"map() ran {ahead} URLs ahead of its consumer"
     # A leak grows memory in every window of 750 URLs. A table of the interpreter that
-    # predates tracemalloc.start() (the interned-strings dict, which pathlib feeds) counts
-    # whole when it is reallocated: a one-off step of ~1.8 MiB in one window, seen in runs
-    # of this whole file. Hence the median window. Measured: windows within +-60 KiB; one
+    # predates tracemalloc.start() (the interned-strings dict, which pathlib feeds; since
+    # fetchpool no longer interns per-URL names, only other code) counts whole when it is
+    # reallocated: a one-off step of ~1.8 MiB in one window, seen in runs of this whole
+    # file. Hence the median window. Measured: windows within +-60 KiB; one
     # small record kept per URL (as the no-xattr fallback does by design) gives 340-510 KiB
     # in every window.
     windows = sorted(b - a for a, b in itertools.pairwise(samples))
@@ -763,3 +764,49 @@ def test_map_over_large_generator_in_flat_memory(server_process: str, dest: Path
     assert windows[len(windows) // 2] < 200 * 1024, f"memory grows with URLs: {kib} KiB"
     assert samples[-1] - samples[0] < 4 * 1024 * 1024, f"memory grew: {kib} KiB"
     assert len(os.listdir(dest)) == 3000
+
+
+def test_map_interns_no_name_per_url(
+    server_process: str, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pathlib before 3.14 interns every part it parses. Names made per URL (final and
+    # temporary) that went through it leaked on 3.12 (interned strings are immortal
+    # there) and, elsewhere, made the interpreter reallocate its interned-strings table
+    # every few ten thousand URLs, which fragmented malloc's arenas: peak RSS grew with
+    # the URLs fed to map(). Nothing a download makes may go through sys.intern.
+    interned: list[str] = []
+    real_intern = sys.intern
+
+    def spy(text: str) -> str:
+        interned.append(text)
+        return real_intern(text)
+
+    # Half the names collide (same name, other directory in the URL): derived names too.
+    urls = [f"{server_process}/any/d{i % 2}/uniq{i // 2}.png" for i in range(200)]
+    monkeypatch.setattr(sys, "intern", spy)
+    with Downloader(dest, workers=4) as dl:
+        results = list(dl.map(urls))
+    monkeypatch.undo()
+    per_url = [t for t in interned if t.endswith((".png", ".part"))]
+    assert per_url == [], f"{len(per_url)} names interned, e.g. {per_url[:3]}"
+    assert all(r.status == "downloaded" for r in results)
+    paths = [r.path for r in results]
+    assert len(set(paths)) == 200
+    assert paths[0] == dest / "uniq0.png"
+    assert all(p is not None and p.parent == dest and p.is_file() for p in paths)
+
+
+@pytest.mark.parametrize("directory", ["/a/b", "a", ".", "/"])
+def test_child_path_equals_joined_path(directory: str) -> None:
+    parent = Path(directory)
+    child = child_path(parent, "x y.png")
+    joined = parent / "x y.png"
+    assert (child, str(child), hash(child), child.name) == (
+        joined,
+        str(joined),
+        hash(joined),
+        joined.name,
+    )
+    assert type(child) is type(joined)
+    assert child.parent == parent
+    assert child.with_suffix(".gif") == joined.with_suffix(".gif")

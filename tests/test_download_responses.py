@@ -7,6 +7,7 @@ import gzip
 import logging
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import as_completed
 from pathlib import Path
@@ -574,3 +575,32 @@ def test_without_xattrs_names_are_remembered(
     assert second.path.read_bytes() == JPEG + b"b"
     assert repeat.status == "skipped"
     assert repeat.path == first.path
+
+
+def test_remembered_names_cost_digests_only(tmp_path: Path) -> None:
+    # Without xattrs a Downloader remembers every name it gave out (DESIGN rule 3), so
+    # that record grows with the URLs: it must stay small. A Path and the URL cost
+    # ~550 bytes a name; two 16-byte digests in dicts cost ~130.
+    from fetchpool.downloader import _Claims
+
+    claims = _Claims(remember=True)
+    n = 2000
+    names = [f"img{i}.png" for i in range(n)]
+    urls = [f"{B}/a/{name}" for name in names]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for name, url in zip(names, urls, strict=True):
+            path = claims.url_name(tmp_path, name, url, url)
+            claims.release(path, url, keep=True)
+        per_name = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert len(claims) == n
+    assert per_name < 200, f"{per_name:.0f} bytes per remembered name"
+    # Still a claim: another URL asking for a remembered name gets its derived one.
+    other = claims.url_name(tmp_path, "img7.png", f"{B}/b/img7.png", f"{B}/b/img7.png")
+    assert other.parent == tmp_path
+    assert other.name != "img7.png"
+    again = claims.url_name(tmp_path, "img7.png", urls[7], urls[7])
+    assert again == tmp_path / "img7.png"
