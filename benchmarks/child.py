@@ -2,13 +2,15 @@
 
 ``python -m benchmarks.child SPEC_JSON_FILE``. The spec names the contestant, the URL
 file, ``dest`` and ``workers``, and where to write the result: the seconds spent in the
-download call alone (interpreter start and imports excluded), failures reported by the
-contestant, and this process's peak RSS (``VmHWM``) and RSS before the call.
+download call alone (interpreter start and imports excluded), the CPU time (user and
+system, all threads) spent in it, failures reported by the contestant, and this
+process's peak RSS (``VmHWM``) and RSS before the call.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,12 @@ def memory_kib(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far, user and system, all threads."""
+    times = os.times()
+    return times.user + times.system
 
 
 def run_map(spec: dict[str, Any], dest: Path) -> tuple[float, int]:
@@ -57,6 +65,7 @@ def main(argv: list[str]) -> int:
         import parfive  # noqa: F401  (aiohttp's import time is not download time)
 
     baseline = memory_kib("VmRSS")
+    cpu = cpu_seconds()
     if name == "fetchpool-map":
         seconds, failures = run_map(spec, dest)
     else:
@@ -70,6 +79,7 @@ def main(argv: list[str]) -> int:
         seconds = time.perf_counter() - start
     result = {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds() - cpu,
         "failures": failures,
         "vmhwm_kib": memory_kib("VmHWM"),
         "baseline_rss_kib": baseline,

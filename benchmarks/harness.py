@@ -47,6 +47,10 @@ class Run:
     exit_code: int
     failures: int | None = None
     baseline_rss_kib: int | None = None
+    #: The contestant's CPU seconds (user + system): in the download call for Python
+    #: contestants, the whole process for external tools. Less sensitive than wall time
+    #: to other load on the machine.
+    cpu: float = 0.0
     error: str = ""
 
 
@@ -80,17 +84,18 @@ class ScenarioResult:
             scenario.note,
         )
 
-    def medians(self) -> dict[str, float]:
-        """Median seconds per contestant, in first-run order."""
+    def medians(self, cpu: bool = False) -> dict[str, float]:
+        """Median seconds (wall, or CPU with ``cpu``) per contestant, in first-run order."""
         by: dict[str, list[float]] = {}
         for run in self.runs:
-            by.setdefault(run.contestant, []).append(run.seconds)
+            by.setdefault(run.contestant, []).append(run.cpu if cpu else run.seconds)
         return {name: statistics.median(times) for name, times in by.items()}
 
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict of everything measured."""
         data = asdict(self)
         data["medians"] = self.medians()
+        data["cpu_medians"] = self.medians(cpu=True)
         return data
 
 
@@ -211,8 +216,10 @@ def _vmhwm_kib(pid: int) -> int:
     return 0
 
 
-def _spawn(command: list[str], log: IO[bytes], timeout: float) -> tuple[int, float, int, bool]:
-    """Run ``command``; return (exit code, wall seconds, sampled peak RSS KiB, timed out).
+def _spawn(
+    command: list[str], log: IO[bytes], timeout: float
+) -> tuple[int, float, int, bool, float]:
+    """Run ``command``; return (exit code, wall s, sampled peak RSS KiB, timed out, CPU s).
 
     The peak RSS is ``VmHWM`` sampled every 10 ms: ``wait4``'s ``ru_maxrss`` would count
     the forked copy of this (larger) Python process before ``exec``.
@@ -236,13 +243,13 @@ def _spawn(command: list[str], log: IO[bytes], timeout: float) -> tuple[int, flo
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        _, status, _ = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
     finally:
         done.set()
         watcher.join()
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, wall, peak[0], killed.is_set()
+    return proc.returncode, wall, peak[0], killed.is_set(), usage.ru_utime + usage.ru_stime
 
 
 def run_one(
@@ -296,7 +303,7 @@ def run_one(
             ]  # fmt: skip
         cpu_before, _ = server.stats()
         with open(work / "log.txt", "wb") as log:
-            code, wall, peak_kib, timed_out = _spawn(command, log, timeout)
+            code, wall, peak_kib, timed_out, cpu = _spawn(command, log, timeout)
         cpu_after, _ = server.stats()
         log_text = (work / "log.txt").read_text(errors="replace").strip()
         run = Run(
@@ -308,6 +315,7 @@ def run_one(
             peak_rss_kib=peak_kib,
             server_cpu=cpu_after - cpu_before,
             exit_code=code,
+            cpu=cpu,
         )
         if result_file.exists():
             child = json.loads(result_file.read_text())
@@ -315,6 +323,7 @@ def run_one(
             run.failures = int(child["failures"])
             run.peak_rss_kib = int(child["vmhwm_kib"])
             run.baseline_rss_kib = int(child["baseline_rss_kib"])
+            run.cpu = float(child.get("cpu_seconds", cpu))
         elif contestant not in EXTERNAL_CONTESTANTS:
             run.error = "no result from the child"
         if timed_out:

@@ -85,6 +85,7 @@ def scenario_markdown(result: ScenarioResult) -> str:
     if result.name == "peak-rss":
         return "\n".join(lines + _peak_rss_table(result)) + "\n"
     medians = result.medians()
+    cpu = result.medians(cpu=True)
     complete = {
         name: seconds
         for name, seconds in medians.items()
@@ -94,10 +95,10 @@ def scenario_markdown(result: ScenarioResult) -> str:
     ideal = result.ideal.get("seconds")
     lines += [
         (
-            "| contestant | seconds (median) | runs | files ok | peak RSS MiB | "
-            "server CPU % | ratio to best | ratio to ideal |"
+            "| contestant | seconds (median) | CPU s (median) | runs | files ok | "
+            "peak RSS MiB | server CPU % | ratio to best | ratio to ideal |"
         ),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, seconds in sorted(medians.items(), key=lambda kv: kv[1]):
         runs = [r for r in result.runs if r.contestant == name]
@@ -106,18 +107,22 @@ def scenario_markdown(result: ScenarioResult) -> str:
         busy = sum(r.server_cpu for r in runs) / max(sum(r.wall for r in runs), 1e-9)
         flag = "" if name in complete else " (incomplete)"
         lines.append(
-            f"| {name}{flag} | {seconds:.3f} | {len(runs)} | {ok}/{result.n} | {_rss(rss)} | "
+            f"| {name}{flag} | {seconds:.3f} | {cpu[name]:.3f} | {len(runs)} | {ok}/{result.n} | "
+            f"{_rss(rss)} | "
             f"{100 * busy:.0f} | {_fmt_ratio(seconds / best if best else None)} | "
             f"{_fmt_ratio(seconds / ideal if ideal else None)} |"
         )
     if ideal is not None:
         lines.append(
-            f"| *ideal* | {ideal:.3f} | | | | | "
+            f"| *ideal* | {ideal:.3f} | | | | | | "
             f"{_fmt_ratio(ideal / best if best else None)} | 1.00x |"
         )
     lines += ["", f"ideal = {result.ideal.get('kind', 'n/a')}."]
     if "fetchpool" in medians and "hand-pool" in medians:
-        lines.append(f"fetchpool / hand-pool = {medians['fetchpool'] / medians['hand-pool']:.3f}.")
+        lines.append(
+            f"fetchpool / hand-pool = {medians['fetchpool'] / medians['hand-pool']:.3f} "
+            f"(CPU time: {cpu['fetchpool'] / max(cpu['hand-pool'], 1e-9):.3f})."
+        )
     for name, reason in result.skipped.items():
         lines.append(f"skipped: {name}: {reason}.")
     errors = {r.contestant: r.error for r in result.runs if r.error}
@@ -171,6 +176,8 @@ def markdown(results: list[ScenarioResult], info: dict[str, Any], repeat: int) -
             f"Median of {repeat} runs per contestant, interleaved; each on a fresh `dest`. "
             "Python contestants run in a child process of their own and time the download "
             "call only (imports excluded); external tools are timed from spawn to exit. "
+            "`CPU s` is the contestant's user + system CPU time over the same span, "
+            "all threads: less sensitive than seconds to other load on the machine. "
             "The server runs in another process; `server CPU %` is its CPU time over the "
             "contestant's wall time. `files ok` = files whose sha256 matches the server's "
             "(worst run). Peak RSS is the contestant process's VmHWM (Python) or "

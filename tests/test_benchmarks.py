@@ -54,11 +54,15 @@ def test_quick_cpu_bound_writes_markdown_and_json(tmp_path: Path) -> None:
     assert fetchpool_run["failures"] == 0
     assert fetchpool_run["seconds"] > 0
     assert fetchpool_run["peak_rss_kib"] > 0
+    assert 0 < fetchpool_run["cpu"] < 60
     assert set(scenario["medians"]) == {"fetchpool", "hand-pool"}
+    assert set(scenario["cpu_medians"]) == {"fetchpool", "hand-pool"}
     assert scenario["ideal"]["seconds"] > 0
     markdown = (out / "results.md").read_text()
     assert markdown == proc.stdout.rstrip("\n") + "\n"
-    assert "| contestant | seconds (median) | runs | files ok |" in markdown
+    assert "| contestant | seconds (median) | CPU s (median) | runs | files ok |" in markdown
+    assert "fetchpool / hand-pool = " in markdown
+    assert "(CPU time: " in markdown
     assert "ratio to ideal" in markdown
     assert "| fetchpool |" in markdown
     assert not (out / "results.png").exists()
