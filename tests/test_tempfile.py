@@ -117,3 +117,57 @@ def test_other_failures_to_create_are_storage_errors(tmp_path: Path, temp_mode: 
         TempFile(tmp_path / "missing", KEY, "http://h/x.png")
     assert info.value.errno == errno.ENOENT
     assert listing(tmp_path) == []
+
+
+def test_copies_to_a_named_file_where_unnamed_ones_cannot_be_linked(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
+    real_link = os.link
+    refused: list[str] = []
+
+    def no_proc(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fsdecode(src).startswith("/proc/"):
+            refused.append(os.fsdecode(dst))
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_proc)
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    tmp = TempFile(dest, KEY, "http://h/x.png")
+    assert tmp.path is None
+    tmp.write(data)
+    assert tmp.commit(dest / "x.png", "http://h/x.png", fsync=True) is True
+    assert refused == [str(dest / "x.png")]
+    assert (dest / "x.png").read_bytes() == data
+    assert read_origin(dest / "x.png") == "http://h/x.png"
+    assert listing(dest) == ["x.png"]
+    assert "using named ones" in caplog.text
+    # The process has switched to named files.
+    assert fetchpool.storage.UNNAMED is False
+    tmp = TempFile(dest, KEY)
+    assert tmp.path is not None
+    tmp.discard()
+    assert listing(dest) == ["x.png"]
+
+
+def test_a_storage_error_while_linking_is_not_taken_for_a_missing_proc(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "link", full)
+    tmp = TempFile(dest, KEY, "http://h/x.png")
+    tmp.write(b"data")
+    with pytest.raises(StorageError) as info:
+        tmp.commit(dest / "x.png", None, fsync=False)
+    assert info.value.errno == errno.ENOSPC
+    assert fetchpool.storage.UNNAMED is True
+    assert listing(dest) == []

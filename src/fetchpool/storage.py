@@ -29,6 +29,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import random
 import secrets
@@ -56,6 +57,8 @@ __all__ = [
     "supports_xattrs",
     "sweep",
 ]
+
+log = logging.getLogger("fetchpool")
 
 #: The freedesktop attribute that records where a file came from (wget --xattr, browsers).
 ORIGIN_XATTR: Final = "user.xdg.origin.url"
@@ -566,18 +569,24 @@ class TempFile:
         """
         fd = self._fd
         assert fd is not None
-        recorded = False
         try:
-            if origin is not None:
-                recorded = _set_origin(fd, origin)
-            if fsync:
-                os.fsync(fd)
-            if self.path is None and not _link_unnamed(fd, final):
+            recorded = _finish(fd, origin, fsync)
+            linked = self.path is not None
+            if not linked:
+                try:
+                    linked = _link_unnamed(fd, final)
+                except OSError as exc:
+                    if exc.errno not in _CANNOT_LINK:
+                        raise
+                    fd = self._copy_to_named(fd, exc)
+                    recorded = _finish(fd, origin, fsync)
+                    linked = True
+            while not linked:
                 # Something stands at the final name. Name the file, then replace.
-                while self.path is None:
-                    name = self._new_name()
-                    if _link_unnamed(fd, name):
-                        self.path = name
+                name = self._new_name()
+                if _link_unnamed(fd, name):
+                    self.path = name
+                    linked = True
             self._fd = None
             os.close(fd)
             if self.path is not None:
@@ -589,6 +598,35 @@ class TempFile:
             self.discard()
             raise self._error("cannot store the file in", final.parent, exc) from exc
         return recorded
+
+    def _copy_to_named(self, fd: int, why: OSError) -> int:
+        """Copy the unnamed file open as ``fd`` to a named one; return the new descriptor.
+
+        For systems where ``O_TMPFILE`` works but linking through ``/proc`` does not
+        (no ``/proc`` mounted, a sandbox): from then on, this process uses named files.
+        """
+        global UNNAMED
+        if UNNAMED:
+            UNNAMED = False
+            log.warning(
+                "cannot link unnamed temporary files in %s (%s); using named ones",
+                self._directory,
+                os.strerror(why.errno) if why.errno else why,
+            )
+        path = self._new_name()
+        try:
+            named = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            # discard() cleans up the named file from here on, and closes fd below.
+            self._fd, self.path = named, path
+            offset = 0
+            while offset < self.size:
+                copied = os.sendfile(named, fd, offset, self.size - offset)
+                if copied == 0:
+                    raise OSError(errno.EIO, "the temporary file shrank while copied")
+                offset += copied
+        finally:
+            os.close(fd)
+        return named
 
     def discard(self) -> None:
         """Close and remove the temporary file (idempotent)."""
@@ -609,6 +647,28 @@ UNNAMED: bool = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL)
 
 
+# What linkat through /proc fails with where it cannot work (no /proc, a sandbox, an
+# LSM); storage errors (ENOSPC, EROFS, EIO...) are not among them.
+_CANNOT_LINK = (
+    errno.ENOENT,
+    errno.EXDEV,
+    errno.EPERM,
+    errno.EACCES,
+    errno.EOPNOTSUPP,
+    errno.ENOTSUP,
+    errno.EINVAL,
+    errno.ELOOP,
+)
+
+
+def _finish(fd: int, origin: str | None, fsync: bool) -> bool:
+    """Record ``origin`` on the file, and flush it if asked; return whether recorded."""
+    recorded = _set_origin(fd, origin) if origin is not None else False
+    if fsync:
+        os.fsync(fd)
+    return recorded
+
+
 def _open_unnamed(directory: Path) -> int | None:
     """Open an unnamed file in ``directory``; ``None`` if the filesystem can't.
 
@@ -616,7 +676,8 @@ def _open_unnamed(directory: Path) -> int | None:
         OSError: any other failure (permission, a missing directory...).
     """
     try:
-        return os.open(directory, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
+        # Readable too, for the copy in TempFile._copy_to_named.
+        return os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             return None
