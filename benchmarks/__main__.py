@@ -3,6 +3,7 @@
     python -m benchmarks                          # every scenario, --repeat 3
     python -m benchmarks --scenario latency-bound --scenario cpu-bound
     python -m benchmarks --quick --repeat 1       # small sizes, for development
+    python -m benchmarks --render benchmarks/results/results.json   # the report again
 
 Writes ``results.md``, ``results.json``, ``results.png`` and ``profiles/`` into ``--out``
 (default ``benchmarks/results/``) and prints the markdown.
@@ -43,6 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: write results.md again from a results.json (after a report change)",
+    )
+    parser.add_argument(
         "--profile-only",
         action="store_true",
         help="only write the py-spy profiles of latency-bound and cpu-bound (no report)",
@@ -72,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     profiles = not args.no_profile and shutil.which("py-spy") is not None
     if not args.no_profile and not profiles:
         print("profiles skipped: py-spy not installed", file=sys.stderr)
+    if args.render is not None:
+        return render(args.render, out, args.no_chart)
     results: list[ScenarioResult] = []
     started = time.monotonic()
     if args.profile_only:
@@ -115,6 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {r.name: r.to_json() for r in results},
     }
     (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(report)
+    return 0
+
+
+def render(source: Path, out: Path, no_chart: bool) -> int:
+    """Write ``results.md`` (and the chart) into ``out`` from a ``results.json``."""
+    data = json.loads(source.read_text())
+    results = [ScenarioResult.from_json(s) for s in data["scenarios"].values()]
+    report = markdown(results, data["machine"], int(data["repeat"]))
+    note = None if no_chart else chart(results, out / "results.png")
+    if note:
+        report += f"\n{note}\n"
+    elif not no_chart:
+        report += "\n![benchmark chart](results.png)\n"
+    report += f"\nRendered again from {source.name} by `python -m benchmarks --render`.\n"
+    (out / "results.md").write_text(report)
+    if source.resolve() != (out / "results.json").resolve():
+        (out / "results.json").write_text(source.read_text())
     print(report)
     return 0
 

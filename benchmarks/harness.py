@@ -91,6 +91,12 @@ class ScenarioResult:
             by.setdefault(run.contestant, []).append(run.cpu if cpu else run.seconds)
         return {name: statistics.median(times) for name, times in by.items()}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScenarioResult:
+        """Rebuild a result from :meth:`to_json`'s output (to render it again)."""
+        fields = {k: v for k, v in data.items() if k not in ("medians", "cpu_medians", "runs")}
+        return cls(**fields, runs=[Run(**run) for run in data["runs"]])
+
     def to_json(self) -> dict[str, Any]:
         """Return a JSON-ready dict of everything measured."""
         data = asdict(self)

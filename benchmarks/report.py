@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -121,7 +122,8 @@ def scenario_markdown(result: ScenarioResult) -> str:
     if "fetchpool" in medians and "hand-pool" in medians:
         lines.append(
             f"fetchpool / hand-pool = {medians['fetchpool'] / medians['hand-pool']:.3f} "
-            f"(CPU time: {cpu['fetchpool'] / max(cpu['hand-pool'], 1e-9):.3f})."
+            f"(CPU time: {cpu['fetchpool'] / max(cpu['hand-pool'], 1e-9):.3f}); "
+            f"median of the per-round ratios: {paired_ratio(result, 'fetchpool', 'hand-pool')}."
         )
     for name, reason in result.skipped.items():
         lines.append(f"skipped: {name}: {reason}.")
@@ -131,6 +133,21 @@ def scenario_markdown(result: ScenarioResult) -> str:
     if result.note:
         lines.append(f"Note: {result.note}")
     return "\n".join(lines) + "\n"
+
+
+def paired_ratio(result: ScenarioResult, a: str, b: str) -> str:
+    """Median over rounds of ``a``'s time over ``b``'s in the same round, formatted.
+
+    Contestants run interleaved, so the two runs of a round share the machine's load of
+    the moment: their ratio is steadier than the ratio of medians when the load drifts.
+    """
+    first = [r.seconds for r in result.runs if r.contestant == a]
+    second = [r.seconds for r in result.runs if r.contestant == b]
+    ratios = [x / y for x, y in zip(first, second, strict=False) if y > 0]
+    if not ratios:
+        return "n/a"
+    shown = ", ".join(f"{r:.3f}" for r in ratios)
+    return f"{statistics.median(ratios):.3f} ({shown})"
 
 
 def _peak_rss_table(result: ScenarioResult) -> list[str]:

@@ -63,9 +63,29 @@ def test_quick_cpu_bound_writes_markdown_and_json(tmp_path: Path) -> None:
     assert "| contestant | seconds (median) | CPU s (median) | runs | files ok |" in markdown
     assert "fetchpool / hand-pool = " in markdown
     assert "(CPU time: " in markdown
+    assert "median of the per-round ratios: " in markdown
     assert "ratio to ideal" in markdown
     assert "| fetchpool |" in markdown
     assert not (out / "results.png").exists()
+
+    # The same report, rendered again from the JSON alone.
+    again = tmp_path / "again"
+    again.mkdir()
+    command = [sys.executable, "-m", "benchmarks", "--render", str(out / "results.json")]
+    proc = subprocess.run(
+        [*command, "--no-chart", "--out", str(again)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rendered = (again / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert table
+    assert [line for line in rendered.splitlines() if line.startswith("|")] == table
+    assert json.loads((again / "results.json").read_text()) == data
 
 
 def test_missing_tools_are_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
