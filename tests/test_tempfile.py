@@ -171,3 +171,38 @@ def test_a_storage_error_while_linking_is_not_taken_for_a_missing_proc(
     assert info.value.errno == errno.ENOSPC
     assert fetchpool.storage.UNNAMED is True
     assert listing(dest) == []
+
+
+def test_a_failed_copy_closes_the_unnamed_file_once(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
+    tmp = TempFile(dest, KEY)
+    tmp.write(b"data")
+    unnamed = tmp._fd
+    real_open, real_close = os.open, os.close
+    closed: list[int] = []
+
+    def no_proc(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+
+    def no_named(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fsdecode(path).endswith(".part"):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(path, flags, *args, **kwargs)
+
+    def close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "link", no_proc)
+    monkeypatch.setattr(os, "open", no_named)
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(StorageError) as info:
+        tmp.commit(dest / "x.png", None, fsync=False)
+    monkeypatch.setattr(os, "close", real_close)
+    assert info.value.errno == errno.EACCES
+    assert closed == [unnamed]
+    assert listing(dest) == []

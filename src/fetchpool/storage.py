@@ -614,9 +614,12 @@ class TempFile:
                 os.strerror(why.errno) if why.errno else why,
             )
         path = self._new_name()
+        # fd is closed below whatever happens: discard() must not close its number again
+        # (another thread may have been given it by then).
+        self._fd = None
         try:
             named = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-            # discard() cleans up the named file from here on, and closes fd below.
+            # discard() cleans up the named file from here on.
             self._fd, self.path = named, path
             offset = 0
             while offset < self.size:
