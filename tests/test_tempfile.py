@@ -22,6 +22,13 @@ from fetchpool.storage import TempFile, lock_key, read_origin
 KEY = lock_key(Path("x.png"))
 
 
+def _refuse_like_linkat(dst: Any, refusal: int) -> None:
+    """Fail as linkat does where it may not link through /proc: EEXIST is checked first."""
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+    raise OSError(refusal, os.strerror(refusal))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -131,7 +138,7 @@ def test_copies_to_a_named_file_where_unnamed_ones_cannot_be_linked(
     def no_proc(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
         if os.fsdecode(src).startswith("/proc/"):
             refused.append(os.fsdecode(dst))
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            _refuse_like_linkat(dst, errno.ENOENT)
         real_link(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "link", no_proc)
@@ -205,4 +212,46 @@ def test_a_failed_copy_closes_the_unnamed_file_once(
     monkeypatch.setattr(os, "close", real_close)
     assert info.value.errno == errno.EACCES
     assert closed == [unnamed]
+    assert listing(dest) == []
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EXDEV, errno.EACCES])
+def test_the_copy_fallback_also_replaces_a_file(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
+    real_link = os.link
+
+    def sandboxed(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fsdecode(src).startswith("/proc/"):
+            _refuse_like_linkat(dst, refusal)
+        real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", sandboxed)
+    (dest / "x.png").write_bytes(b"old")
+    tmp = TempFile(dest, KEY)
+    tmp.write(b"new")
+    tmp.commit(dest / "x.png", None, fsync=False)
+    assert (dest / "x.png").read_bytes() == b"new"
+    assert listing(dest) == ["x.png"]
+    assert fetchpool.storage.UNNAMED is False
+
+
+def test_a_vanished_directory_does_not_switch_off_unnamed_files(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
+    sub = dest / "sub"
+    sub.mkdir()
+    tmp = TempFile(sub, KEY)
+    tmp.write(b"data")
+    sub.rmdir()
+    with pytest.raises(StorageError) as info:
+        tmp.commit(sub / "x.png", None, fsync=False)
+    assert info.value.errno == errno.ENOENT
+    assert fetchpool.storage.UNNAMED is True
     assert listing(dest) == []

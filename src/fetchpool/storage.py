@@ -571,22 +571,24 @@ class TempFile:
         assert fd is not None
         try:
             recorded = _finish(fd, origin, fsync)
-            linked = self.path is not None
-            if not linked:
+            if self.path is None:
                 try:
-                    linked = _link_unnamed(fd, final)
+                    if not _link_unnamed(fd, final):
+                        # Something stands at the final name. Name the file, then replace.
+                        # (linkat reports EEXIST before EXDEV/EPERM/EACCES: a refusal to
+                        # link through /proc shows only here when the final name is taken.)
+                        while self.path is None:
+                            name = self._new_name()
+                            if _link_unnamed(fd, name):
+                                self.path = name
                 except OSError as exc:
                     if exc.errno not in _CANNOT_LINK:
                         raise
-                    fd = self._copy_to_named(fd, exc)
+                    fd = self._copy_to_named(fd)
                     recorded = _finish(fd, origin, fsync)
-                    linked = True
-            while not linked:
-                # Something stands at the final name. Name the file, then replace.
-                name = self._new_name()
-                if _link_unnamed(fd, name):
-                    self.path = name
-                    linked = True
+                    # Only now: a directory removed or made unwritable meanwhile fails
+                    # the copy too, and must not switch the whole process to named files.
+                    _stop_unnamed(self._directory, exc)
             self._fd = None
             os.close(fd)
             if self.path is not None:
@@ -599,20 +601,8 @@ class TempFile:
             raise self._error("cannot store the file in", final.parent, exc) from exc
         return recorded
 
-    def _copy_to_named(self, fd: int, why: OSError) -> int:
-        """Copy the unnamed file open as ``fd`` to a named one; return the new descriptor.
-
-        For systems where ``O_TMPFILE`` works but linking through ``/proc`` does not
-        (no ``/proc`` mounted, a sandbox): from then on, this process uses named files.
-        """
-        global UNNAMED
-        if UNNAMED:
-            UNNAMED = False
-            log.warning(
-                "cannot link unnamed temporary files in %s (%s); using named ones",
-                self._directory,
-                os.strerror(why.errno) if why.errno else why,
-            )
+    def _copy_to_named(self, fd: int) -> int:
+        """Copy the unnamed file open as ``fd`` to a named one; return the new descriptor."""
         path = self._new_name()
         # fd is closed below whatever happens: discard() must not close its number again
         # (another thread may have been given it by then).
@@ -662,6 +652,18 @@ _CANNOT_LINK = (
     errno.EINVAL,
     errno.ELOOP,
 )
+
+
+def _stop_unnamed(directory: Path, why: OSError) -> None:
+    """From now on use named files: linking through ``/proc`` does not work here."""
+    global UNNAMED
+    if UNNAMED:
+        UNNAMED = False
+        log.warning(
+            "cannot link unnamed temporary files in %s (%s); using named ones",
+            directory,
+            os.strerror(why.errno) if why.errno else why,
+        )
 
 
 def _finish(fd: int, origin: str | None, fsync: bool) -> bool:
