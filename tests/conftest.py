@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,24 @@ def waits() -> Iterator[list[float]]:
         yield recorded
 
 
+def _unnamed_files_work(directory: Path) -> bool:
+    """Whether ``O_TMPFILE`` works in ``directory`` (not on overlayfs before 6.6, NFS...)."""
+    if not fetchpool.storage.UNNAMED:
+        return False
+    try:
+        os.close(os.open(directory, os.O_RDWR | os.O_TMPFILE, 0o666))
+    except OSError:
+        return False
+    return True
+
+
 @pytest.fixture(params=["unnamed", "named"])
-def temp_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def temp_mode(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> str:
     """Run a test with unnamed (``O_TMPFILE``) temporary files, then with named ones."""
     mode: str = request.param
-    if mode == "unnamed" and not fetchpool.storage.UNNAMED:
+    if mode == "unnamed" and not _unnamed_files_work(tmp_path):
         pytest.skip("no O_TMPFILE here")
     monkeypatch.setattr(fetchpool.storage, "UNNAMED", mode == "unnamed")
     return mode

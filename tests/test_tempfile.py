@@ -255,3 +255,54 @@ def test_a_vanished_directory_does_not_switch_off_unnamed_files(
     assert info.value.errno == errno.ENOENT
     assert fetchpool.storage.UNNAMED is True
     assert listing(dest) == []
+
+
+def test_named_files_serve_where_unnamed_ones_would_ignore_the_umask(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    real_open = os.open
+
+    def old_kernel(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            os.fchmod(fd, 0o666)  # what kernels before 6.0 did on some filesystems
+        return fd
+
+    monkeypatch.setattr(os, "open", old_kernel)
+    previous = os.umask(0o022)
+    try:
+        for name in ("a.png", "b.png"):
+            tmp = TempFile(dest, KEY)
+            assert tmp.path is not None  # a named file, as the check found the fault
+            tmp.write(b"data")
+            tmp.commit(dest / name, None, fsync=False)
+            assert stat.S_IMODE(os.stat(dest / name).st_mode) == 0o644
+    finally:
+        os.umask(previous)
+    assert listing(dest) == ["a.png", "b.png"]  # the check left no file behind
+
+
+def test_the_check_of_unnamed_files_runs_once_per_directory(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    real_open = os.open
+    created: list[str] = []
+
+    def count(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_CREAT:
+            created.append(os.path.basename(os.fsdecode(path)))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", count)
+    for name in ("a.png", "b.png", "c.png"):
+        tmp = TempFile(dest, KEY)
+        assert tmp.path is None
+        tmp.write(b"data")
+        tmp.commit(dest / name, None, fsync=False)
+    assert len(created) == 1, created  # one named probe, for the first file only
+    assert created[0].endswith(".part")
+    assert listing(dest) == ["a.png", "b.png", "c.png"]

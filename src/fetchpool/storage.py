@@ -675,18 +675,79 @@ def _finish(fd: int, origin: str | None, fsync: bool) -> bool:
 
 
 def _open_unnamed(directory: Path) -> int | None:
-    """Open an unnamed file in ``directory``; ``None`` if the filesystem can't.
+    """Open an unnamed file in ``directory``; ``None`` where named files must serve.
+
+    The first unnamed file in a directory is checked against a named one (see
+    :func:`_behaves_as_named`); the verdict is kept for the process.
 
     Raises:
         OSError: any other failure (permission, a missing directory...).
     """
+    where = os.fspath(directory)
+    verdict = _UNNAMED_OK.get(where)
+    if verdict is False:
+        return None
     try:
         # Readable too, for the copy in TempFile._copy_to_named.
-        return os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
+        fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
+            _remember(where, False)
             return None
         raise
+    if verdict is None:
+        try:
+            verdict = _behaves_as_named(fd, directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        _remember(where, verdict)
+        if not verdict:
+            os.close(fd)
+            return None
+    return fd
+
+
+#: Directory -> whether its unnamed files get the mode named ones get. Bounded: past
+#: the limit it starts again, which only costs a new check per directory.
+_UNNAMED_OK: dict[str, bool] = {}
+_UNNAMED_OK_MAX = 1024
+
+
+def _remember(where: str, verdict: bool) -> None:
+    if len(_UNNAMED_OK) >= _UNNAMED_OK_MAX:
+        _UNNAMED_OK.clear()
+    _UNNAMED_OK[where] = verdict
+
+
+def _behaves_as_named(fd: int, directory: Path) -> bool:
+    """Whether the unnamed file ``fd`` got the permissions a named file gets here.
+
+    Kernels before the fix "fs: Add missing umask strip in vfs_tmpfile" (6.0, and
+    stable backports) ignored the umask for ``O_TMPFILE`` on filesystems without POSIX
+    ACLs: files would come out 0666 where the umask asks for 0644 (DESIGN rule 2).
+    Comparing with a named file created the usual way also respects default ACLs.
+    """
+    probe = _new_probe_name(directory)
+    try:
+        named = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError:
+        # Named files cannot be created here either: the download fails the same way
+        # whichever kind it uses.
+        return True
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode) == stat.S_IMODE(os.fstat(named).st_mode)
+    finally:
+        os.close(named)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
+def _new_probe_name(directory: Path) -> str:
+    # A temporary file's name under a key nobody locks: sweep() removes it if this
+    # process dies before it does.
+    key = secrets.token_hex(10)
+    return os.path.join(directory, f"{RESERVED_PREFIX}{key}-{random.getrandbits(48):012x}.part")
 
 
 def _link_unnamed(fd: int, path: Path) -> bool:
