@@ -160,6 +160,9 @@ class RawServer:
 
     def close(self) -> None:
         self._stop.set()
+        # close() alone does not wake a thread blocked in accept(); shutdown() does.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             for sock in self._socks:
@@ -303,7 +306,8 @@ def test_failed_splice_closes_the_connection(raw_server: RawServer) -> None:
     session = default_session(1)
     resp = session.get(raw_server.url(uniq("full")), stream=True, timeout=10)
     connection = resp.raw._connection
-    assert connection is not None and connection.sock is not None
+    assert connection is not None
+    assert connection.sock is not None
 
     class FullDisk(MemorySink):
         def splice_from(self, pipe_fd: int, count: int) -> None:
