@@ -13,6 +13,7 @@ import fcntl
 import http.client
 import io
 import logging
+import math
 import os
 import select
 import socket
@@ -622,7 +623,8 @@ class Body:
         # urllib3 set the read timeout on the socket for this response; like a recv(),
         # each wait for bytes gets all of it.
         timeout = parts.sock.gettimeout()
-        wait_ms = None if timeout is None else max(0, int(timeout * 1000))
+        # Rounded up: a wait cut to 0 ms would report a timeout without waiting at all.
+        wait_ms = None if timeout is None else max(1, math.ceil(timeout * 1000))
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
