@@ -593,7 +593,8 @@ class Body:
         # guarded: the watchdog's shutdown ends it). b"" means the peer closed.
         try:
             buffered = len(parts.buffer.peek(0))
-            data = raw.read(min(buffered, self.length - self.received), decode_content=False)
+            wanted = min(buffered, self.length - self.received)
+            data = raw.read(wanted, decode_content=False) if wanted else b""
         except _NETWORK_ERRORS as exc:
             raise network_error(exc, self.url, self.guard, "while reading", self.secrets) from exc
         if data:
