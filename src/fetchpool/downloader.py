@@ -688,6 +688,9 @@ class Downloader:
             if head:
                 tmp.write(head)
                 self._emit(task.url, tmp.size, body.total, "progress")
+            # A big plain-HTTP body goes socket to file by splice(2); chunks then only
+            # ends it (or reads all of the rest where it cannot be spliced).
+            body.splice_into(tmp, lambda: self._emit(task.url, tmp.size, body.total, "progress"))
             for chunk in chunks:
                 tmp.write(chunk)
                 self._emit(task.url, tmp.size, body.total, "progress")

@@ -555,6 +555,47 @@ class TempFile:
             raise self._error("cannot write to", self._directory, exc) from exc
         self.size += len(data)
 
+    def splice_from(self, pipe_fd: int, count: int) -> None:
+        """Append the next ``count`` bytes waiting in the pipe ``pipe_fd``.
+
+        The pipe must already hold them: the caller moved them there. Where the
+        filesystem cannot take a splice (``EINVAL``), they are read and written instead.
+
+        Args:
+            pipe_fd: the read end of a pipe holding at least ``count`` bytes.
+            count: how many bytes to move.
+
+        Raises:
+            StorageError: the file could not take them (disk full, I/O error...).
+        """
+        assert self._fd is not None
+        left = count
+        try:
+            while left:
+                try:
+                    moved = os.splice(pipe_fd, self._fd, left, flags=os.SPLICE_F_MOVE)
+                except OSError as exc:
+                    # Some filesystems (FUSE, old kernels) have no splice_write: the bytes
+                    # are still in the pipe, so copy them through user memory.
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    moved = len(self._copy_from_pipe(pipe_fd, left))
+                if moved == 0:
+                    raise OSError(errno.EIO, "the pipe ran dry before the bytes it held")
+                left -= moved
+                self.size += moved
+        except OSError as exc:
+            raise self._error("cannot write to", self._directory, exc) from exc
+
+    def _copy_from_pipe(self, pipe_fd: int, count: int) -> bytes:
+        """Read up to ``count`` bytes from the pipe and write them; return them."""
+        assert self._fd is not None
+        data = os.read(pipe_fd, min(count, 1 << 20))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        return data
+
     def commit(self, final: Path, origin: str | None, fsync: bool) -> bool:
         """Move the file to ``final`` atomically.
 
