@@ -22,6 +22,14 @@ from fetchpool.storage import TempFile, lock_key, read_origin
 KEY = lock_key(Path("x.png"))
 
 
+@pytest.fixture
+def unnamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unnamed temporary files on for the test (restored after), where the system has them."""
+    if not fetchpool.storage.UNNAMED:
+        pytest.skip("no O_TMPFILE here: the named file is the only kind")
+    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
+
+
 def _refuse_like_linkat(dst: Any, refusal: int) -> None:
     """Fail as linkat does where it may not link through /proc: EEXIST is checked first."""
     if os.path.lexists(dst):
@@ -95,11 +103,10 @@ def test_discard_leaves_nothing(dest: Path, temp_mode: str) -> None:
     assert temp_files(dest) == []
 
 
+@pytest.mark.usefixtures("unnamed")
 def test_falls_back_to_a_named_file_without_o_tmpfile(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
     real_open = os.open
     refused: list[str] = []
 
@@ -126,12 +133,10 @@ def test_other_failures_to_create_are_storage_errors(tmp_path: Path, temp_mode: 
     assert listing(tmp_path) == []
 
 
+@pytest.mark.usefixtures("unnamed")
 def test_copies_to_a_named_file_where_unnamed_ones_cannot_be_linked(
     dest: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
-    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
     real_link = os.link
     refused: list[str] = []
 
@@ -160,12 +165,10 @@ def test_copies_to_a_named_file_where_unnamed_ones_cannot_be_linked(
     assert listing(dest) == ["x.png"]
 
 
+@pytest.mark.usefixtures("unnamed")
 def test_a_storage_error_while_linking_is_not_taken_for_a_missing_proc(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
-    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
 
     def full(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -180,12 +183,10 @@ def test_a_storage_error_while_linking_is_not_taken_for_a_missing_proc(
     assert listing(dest) == []
 
 
+@pytest.mark.usefixtures("unnamed")
 def test_a_failed_copy_closes_the_unnamed_file_once(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
-    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
     tmp = TempFile(dest, KEY)
     tmp.write(b"data")
     unnamed = tmp._fd
@@ -216,12 +217,10 @@ def test_a_failed_copy_closes_the_unnamed_file_once(
 
 
 @pytest.mark.parametrize("refusal", [errno.EPERM, errno.EXDEV, errno.EACCES])
+@pytest.mark.usefixtures("unnamed")
 def test_the_copy_fallback_also_replaces_a_file(
     dest: Path, monkeypatch: pytest.MonkeyPatch, refusal: int
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
-    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
     real_link = os.link
 
     def sandboxed(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
@@ -239,12 +238,10 @@ def test_the_copy_fallback_also_replaces_a_file(
     assert fetchpool.storage.UNNAMED is False
 
 
+@pytest.mark.usefixtures("unnamed")
 def test_a_vanished_directory_does_not_switch_off_unnamed_files(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
-    monkeypatch.setattr(fetchpool.storage, "UNNAMED", True)
     sub = dest / "sub"
     sub.mkdir()
     tmp = TempFile(sub, KEY)
@@ -257,11 +254,10 @@ def test_a_vanished_directory_does_not_switch_off_unnamed_files(
     assert listing(dest) == []
 
 
+@pytest.mark.usefixtures("unnamed")
 def test_named_files_serve_where_unnamed_ones_would_ignore_the_umask(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
     real_open = os.open
 
     def old_kernel(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
@@ -284,11 +280,10 @@ def test_named_files_serve_where_unnamed_ones_would_ignore_the_umask(
     assert listing(dest) == ["a.png", "b.png"]  # the check left no file behind
 
 
+@pytest.mark.usefixtures("unnamed")
 def test_the_check_of_unnamed_files_runs_once_per_directory(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not fetchpool.storage.UNNAMED:
-        pytest.skip("no O_TMPFILE here: the named file is the only kind")
     real_open = os.open
     created: list[str] = []
 
