@@ -41,7 +41,7 @@ from fetchpool import (
     TransferError,
     download_all,
 )
-from fetchpool.transfer import Body, default_session
+from fetchpool.transfer import CHUNK_SIZE, Body, default_session
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="os.splice is Linux-only")
 
@@ -79,6 +79,8 @@ class RawServer:
     ``/long/N``       Content-Length N, N + 1000 bytes, connection kept open
     ``/drip/N``       Content-Length N, 2 MiB, then 64 KiB every 0.1 s
     ``/stall/N``      Content-Length N, 2 MiB, then nothing (connection kept open)
+    ``/headstall/N``  Content-Length N, one read of the head (CHUNK_SIZE), then nothing
+    ``/urgent/N``     Content-Length N, 2 MiB, a TCP urgent byte, then the rest
     """
 
     def __init__(self) -> None:
@@ -157,6 +159,16 @@ class RawServer:
                     sock.sendall(head.encode() + data[: 2 * MiB])
                     self._stop.wait(30)
                     return
+                elif route == "headstall":
+                    sock.sendall(head.encode() + data[:CHUNK_SIZE])
+                    self._stop.wait(30)
+                    return
+                elif route == "urgent":
+                    sock.sendall(head.encode() + data[: 2 * MiB])
+                    self._stop.wait(0.2)
+                    # Out of band: not part of the body, and recv() steps over it.
+                    sock.send(b"!", socket.MSG_OOB)
+                    sock.sendall(data[2 * MiB :])
 
     def close(self) -> None:
         self._stop.set()
@@ -432,7 +444,61 @@ def test_read_timeout_mid_body_gives_the_chunk_paths_error(
     assert listing(dest) == []
 
 
+def test_read_timeout_before_any_splice_gives_the_chunk_paths_error(
+    raw_server: RawServer, dest: Path, splices: SpliceCalls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The head is read, then nothing: the wait is in the look at http.client's buffer.
+    url = raw_server.url(uniq("headstall"))
+    spliced, _ = _error_of(url, dest, timeout=(5, 0.5))
+    no_splicing(monkeypatch)
+    chunked, _ = _error_of(url, dest, timeout=(5, 0.5))
+    assert isinstance(spliced, TransferError)
+    assert type(spliced) is type(chunked)
+    assert str(spliced) == str(chunked)
+    assert listing(dest) == []
+
+
+def test_a_read_timeout_beyond_what_poll_takes_still_splices(
+    raw_server: RawServer, dest: Path, splices: SpliceCalls
+) -> None:
+    (result,) = download_all([raw_server.url(uniq("drip", 3 * MiB))], dest, timeout=(5, 3e6))
+    assert result.ok, result.error
+    assert result.path is not None
+    assert sha(result.path.read_bytes()) == sha(body_of(3 * MiB))
+    assert splices.socket_reads > 0
+
+
 # ------------------------------------------------------------------- the fallbacks
+
+
+def test_urgent_data_hands_the_rest_to_the_chunk_path(
+    raw_server: RawServer, dest: Path, splices: SpliceCalls
+) -> None:
+    # A socket splice stops for good in front of TCP urgent data, while poll() keeps
+    # saying readable: without a way out, the worker would spin until the deadline.
+    start = time.monotonic()
+    (result,) = download_all([raw_server.url(uniq("urgent"))], dest, deadline=10)
+    assert result.ok, result.error
+    assert result.attempts == 1
+    assert time.monotonic() - start < 5
+    assert result.path is not None
+    assert sha(result.path.read_bytes()) == sha(body_of(SIZE))
+    assert 0 < splices.socket_reads < 1000
+
+
+def test_no_descriptor_left_for_a_pipe_takes_the_chunk_path(
+    raw_server: RawServer, dest: Path, splices: SpliceCalls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fds(flags: int) -> tuple[int, int]:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "pipe2", no_fds)
+    (result,) = download_all([raw_server.url(uniq("full"))], dest)
+    assert result.ok, result.error
+    assert result.attempts == 1
+    assert result.path is not None
+    assert sha(result.path.read_bytes()) == sha(body_of(SIZE))
+    assert splices.socket_reads == 0
 
 
 @pytest.mark.parametrize("route", ["close", "gzip"])

@@ -61,6 +61,8 @@ CHUNK_SIZE = 256 * 1024
 SPLICE_BLOCK = 1024 * 1024
 #: The least body left after the head for which a pipe is worth setting up.
 SPLICE_MIN = 1024 * 1024
+# The longest wait poll() accepts, in milliseconds (a C int).
+_POLL_MAX_MS = 2**31 - 1
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 # What splice(2) fails with, moving nothing, where a socket cannot be spliced (a
@@ -557,9 +559,10 @@ class Body:
             progress: called after each :data:`SPLICE_BLOCK` or so moved, and at the end.
 
         Returns:
-            Whether the body was moved; ``False`` (nothing spliced, the body left to
-            :meth:`chunks`) for TLS, chunked framing, a content encoding, an unknown
-            or small length, mocked responses or a kernel that refuses the splice.
+            Whether all of the body was moved; ``False`` (the rest left to
+            :meth:`chunks`, every count up to date) for TLS, chunked framing, a content
+            encoding, an unknown or small length, mocked responses, a kernel that
+            refuses the splice, no descriptor left for a pipe, or TCP urgent data.
 
         Raises:
             TransferError: reset, read timeout, deadline, cancellation or truncation;
@@ -593,6 +596,10 @@ class Body:
         # guarded: the watchdog's shutdown ends it). b"" means the peer closed.
         try:
             buffered = len(parts.buffer.peek(0))
+        except OSError as exc:
+            # Read below urllib3: wrap the error as its own reads would be.
+            raise self._socket_error(raw, exc) from exc
+        try:
             wanted = min(buffered, self.length - self.received)
             data = raw.read(wanted, decode_content=False) if wanted else b""
         except _NETWORK_ERRORS as exc:
@@ -601,7 +608,11 @@ class Body:
             self.received += len(data)
             sink.write(self._count(data))
             progress()
-        read_end, write_end, capacity = _new_pipe()
+        try:
+            read_end, write_end, capacity = _new_pipe()
+        except OSError:
+            # Out of descriptors (EMFILE, ENFILE): the counters agree, chunks() reads on.
+            return False
         try:
             return self._pump(parts, sink, progress, read_end, write_end, capacity)
         finally:
@@ -626,11 +637,16 @@ class Body:
         timeout = parts.sock.gettimeout()
         # Rounded up: a wait cut to 0 ms would report a timeout without waiting at all.
         wait_ms = None if timeout is None else max(1, math.ceil(timeout * 1000))
+        if wait_ms is not None and wait_ms > _POLL_MAX_MS:
+            # Beyond what poll() takes (24.8 days): no wait of its own, the deadline ends it.
+            wait_ms = None
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
         left = self.length - self.received
         in_pipe = spliced = reported = 0
+        # poll() said readable and nothing has moved since.
+        ready = False
 
         def drain() -> None:
             nonlocal in_pipe, spliced, reported
@@ -658,23 +674,21 @@ class Body:
                 # it first: then EAGAIN can only mean the socket.
                 if in_pipe:
                     drain()
-                elif not poller.poll(wait_ms):
-                    timed_out = urllib3.exceptions.ReadTimeoutError(
-                        getattr(raw, "_pool", None),  # type: ignore[arg-type]
-                        None,
-                        "Read timed out.",
-                    )
-                    raise network_error(
-                        timed_out, self.url, self.guard, "while reading", self.secrets
-                    ) from None
+                elif ready:
+                    # Readable, yet splice moves nothing: TCP urgent data stops a socket
+                    # splice for good (recv() steps over it). The pipe is empty and the
+                    # counters agree: chunks() reads the rest.
+                    return False
+                elif poller.poll(wait_ms):
+                    ready = True
+                else:
+                    raise self._socket_error(raw, TimeoutError("timed out")) from None
                 continue
             except OSError as exc:
-                if not spliced and not in_pipe and exc.errno in _CANNOT_SPLICE:
+                if not in_pipe and exc.errno in _CANNOT_SPLICE:
                     return False
-                broken = urllib3.exceptions.ProtocolError(f"Connection broken: {exc!r}", exc)
-                raise network_error(
-                    broken, self.url, self.guard, "while reading", self.secrets
-                ) from exc
+                raise self._socket_error(raw, exc) from exc
+            ready = False
             if moved == 0:
                 # End of stream: the peer closed early, or the watchdog shut the socket.
                 if in_pipe:
@@ -686,6 +700,16 @@ class Body:
             if in_pipe >= capacity or not left:
                 drain()
         return True
+
+    def _socket_error(self, raw: urllib3.HTTPResponse, exc: OSError) -> FetchError:
+        """Map an error of a read below urllib3 as urllib3 maps its own reads' errors."""
+        wrapped: Exception
+        if isinstance(exc, TimeoutError):
+            pool = getattr(raw, "_pool", None)
+            wrapped = urllib3.exceptions.ReadTimeoutError(pool, None, "Read timed out.")  # type: ignore[arg-type]
+        else:
+            wrapped = urllib3.exceptions.ProtocolError(f"Connection broken: {exc!r}", exc)
+        return network_error(wrapped, self.url, self.guard, "while reading", self.secrets)
 
     def _count_spliced(self, count: int) -> None:
         self.decoded += count
