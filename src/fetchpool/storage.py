@@ -526,18 +526,12 @@ class TempFile:
             self._fd: int | None = _open_unnamed(directory) if UNNAMED else None
             if self._fd is None:
                 self.path = self._new_name()
-                self._fd = os.open(
-                    self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666
-                )
+                self._fd = _create_named(self.path)
         except OSError as exc:
             raise self._error("cannot create a file in", directory, exc) from exc
 
     def _new_name(self) -> Path:
-        # Unique enough beside a dead writer's leftovers; unlike secrets, random needs no
-        # system call (each one lets 15 other threads take the GIL), and it is reseeded
-        # in a forked child.
-        suffix = f"{random.getrandbits(48):012x}"
-        return child_path(self._directory, f"{RESERVED_PREFIX}{self.key}-{suffix}{_PART_SUFFIX}")
+        return _part_name(self._directory, self.key)
 
     def _error(self, what: str, where: Path, exc: OSError) -> StorageError:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -546,11 +540,8 @@ class TempFile:
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``."""
         assert self._fd is not None
-        view = memoryview(data)
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            _write_all(self._fd, data)
         except OSError as exc:
             raise self._error("cannot write to", self._directory, exc) from exc
         self.size += len(data)
@@ -579,22 +570,15 @@ class TempFile:
                     # are still in the pipe, so copy them through user memory.
                     if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                         raise
-                    moved = len(self._copy_from_pipe(pipe_fd, left))
+                    data = os.read(pipe_fd, min(left, 1 << 20))
+                    _write_all(self._fd, data)
+                    moved = len(data)
                 if moved == 0:
                     raise OSError(errno.EIO, "the pipe ran dry before the bytes it held")
                 left -= moved
                 self.size += moved
         except OSError as exc:
             raise self._error("cannot write to", self._directory, exc) from exc
-
-    def _copy_from_pipe(self, pipe_fd: int, count: int) -> bytes:
-        """Read up to ``count`` bytes from the pipe and write them; return them."""
-        assert self._fd is not None
-        data = os.read(pipe_fd, min(count, 1 << 20))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        return data
 
     def commit(self, final: Path, origin: str | None, fsync: bool) -> bool:
         """Move the file to ``final`` atomically.
@@ -649,7 +633,7 @@ class TempFile:
         # (another thread may have been given it by then).
         self._fd = None
         try:
-            named = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            named = _create_named(path)
             # discard() cleans up the named file from here on.
             self._fd, self.path = named, path
             offset = 0
@@ -769,9 +753,10 @@ def _behaves_as_named(fd: int, directory: Path) -> bool:
     ACLs: files would come out 0666 where the umask asks for 0644 (DESIGN rule 2).
     Comparing with a named file created the usual way also respects default ACLs.
     """
-    probe = _new_probe_name(directory)
+    # Under a key nobody locks: sweep() removes it if this process dies first.
+    probe = _part_name(directory, secrets.token_hex(10))
     try:
-        named = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        named = _create_named(probe)
     except OSError:
         # Named files cannot be created here either: the download fails the same way
         # whichever kind it uses.
@@ -784,11 +769,24 @@ def _behaves_as_named(fd: int, directory: Path) -> bool:
             os.unlink(probe)
 
 
-def _new_probe_name(directory: Path) -> str:
-    # A temporary file's name under a key nobody locks: sweep() removes it if this
-    # process dies before it does.
-    key = secrets.token_hex(10)
-    return os.path.join(directory, f"{RESERVED_PREFIX}{key}-{random.getrandbits(48):012x}.part")
+def _part_name(directory: Path, key: str) -> Path:
+    """Return a fresh name for a named temporary file of ``key`` in ``directory``."""
+    # Unique enough beside a dead writer's leftovers; unlike secrets, random needs no
+    # system call (each one lets 15 other threads take the GIL), and it is reseeded
+    # in a forked child.
+    suffix = f"{random.getrandbits(48):012x}"
+    return child_path(directory, f"{RESERVED_PREFIX}{key}-{suffix}{_PART_SUFFIX}")
+
+
+def _create_named(path: Path) -> int:
+    """Create the named temporary file ``path`` (mode 0o666: the umask decides)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _link_unnamed(fd: int, path: Path) -> bool:
