@@ -554,10 +554,10 @@ def test_progress_true_draws_a_tqdm_bar(
 def test_without_xattrs_names_are_remembered(
     rs: responses.RequestsMock, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fetchpool.downloader
+    import fetchpool.pipeline
     import fetchpool.storage
 
-    monkeypatch.setattr(fetchpool.downloader, "supports_xattrs", lambda directory: False)
+    monkeypatch.setattr(fetchpool.pipeline, "supports_xattrs", lambda directory: False)
     monkeypatch.setattr(fetchpool.storage, "_set_origin", lambda fd, origin: False)
     urls = [f"{B}/a/cat.jpg", f"{B}/b/cat.jpg"]
     rs.get(urls[0], body=JPEG + b"a")
@@ -581,9 +581,9 @@ def test_remembered_names_cost_digests_only(tmp_path: Path) -> None:
     # Without xattrs a Downloader remembers every name it gave out (DESIGN rule 3), so
     # that record grows with the URLs: it must stay small. A Path and the URL cost
     # ~550 bytes a name; two 16-byte digests in dicts cost ~130.
-    from fetchpool.downloader import _Claims
+    from fetchpool.claims import Claims
 
-    claims = _Claims(remember=True)
+    claims = Claims(remember=True)
     n = 2000
     names = [f"img{i}.png" for i in range(n)]
     urls = [f"{B}/a/{name}" for name in names]

@@ -31,6 +31,7 @@ import pytest
 import requests
 import responses
 
+import fetchpool.backends._splice
 import fetchpool.transfer
 from _support import listing
 from fetchpool import (
@@ -41,7 +42,9 @@ from fetchpool import (
     TransferError,
     download_all,
 )
-from fetchpool.transfer import CHUNK_SIZE, Body, default_session
+from fetchpool.backends import Request
+from fetchpool.backends.requests import RequestsReply, default_session
+from fetchpool.transfer import CHUNK_SIZE, Body
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="os.splice is Linux-only")
 
@@ -285,6 +288,12 @@ class MemorySink:
             count -= len(got)
 
 
+def body_of_response(resp: requests.Response) -> Body:
+    """The pipeline's :class:`Body` over a response read with a bare session."""
+    request = Request(resp.url, {}, None, (), (10, 10), resp.url)
+    return Body(RequestsReply(resp, request, None), resp.url, None, None)
+
+
 def receive(body: Body, sink: MemorySink) -> bool:
     """What the downloader does: the head, the splice, then the end of the chunks."""
     chunks = body.chunks()
@@ -302,7 +311,7 @@ def test_session_reuses_the_connection_after_a_spliced_body(splices: SpliceCalls
         for _ in range(2):
             resp = session.get(server.url(uniq("full", 3 * MiB)), stream=True, timeout=10)
             sink = MemorySink()
-            assert receive(Body(resp, resp.url, None, None), sink)
+            assert receive(body_of_response(resp), sink)
             assert bytes(sink.data) == body_of(3 * MiB)
             # urllib3 released it at the end of the body, before any close().
             assert resp.raw._connection is None
@@ -326,7 +335,7 @@ def test_failed_splice_closes_the_connection(raw_server: RawServer) -> None:
             raise StorageError("disk full", errno=errno.ENOSPC)
 
     with pytest.raises(StorageError):
-        receive(Body(resp, resp.url, None, None), FullDisk())
+        receive(body_of_response(resp), FullDisk())
     assert connection.sock is None
     resp.close()
     session.close()
@@ -534,7 +543,7 @@ def test_responses_mock_takes_the_chunk_path(
     assert sha(result.path.read_bytes()) == sha(data)
     assert splices.socket_reads == 0
     resp = requests.get(f"{B}/a.png", stream=True, timeout=5)
-    assert fetchpool.transfer._spliceable(resp) is None
+    assert fetchpool.backends._splice.spliceable(resp) is None
 
 
 def test_socket_that_cannot_be_spliced_falls_back(

@@ -3,10 +3,10 @@
 http.client reads the status line and headers with no hook between reads, and a
 socket read timeout restarts on every byte, so a server that drips one byte per
 second can hold a plain ``requests`` call forever. Here each attempt runs under a
-:class:`Guard`; the connection classes below hand the attempt's socket to its guard
-when the request has been sent, and a single :class:`Watchdog` thread shuts that
-socket down when the deadline passes (or when the downloader is cancelled), which
-makes the blocked read return at once.
+:class:`Guard`; a backend hands the attempt's socket to its guard when the request
+has been sent (or registers a callback), and a single :class:`Watchdog` thread shuts
+that socket down (or calls the callback) when the deadline passes or the downloader
+is cancelled, which makes the blocked read return at once.
 """
 
 from __future__ import annotations
@@ -16,14 +16,11 @@ import itertools
 import socket
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from types import TracebackType
-from typing import Any
 
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.poolmanager import PoolManager
-
-__all__ = ["GUARDED_POOL_CLASSES", "Guard", "Watchdog", "guard_pool_manager"]
+__all__ = ["Guard", "Watchdog", "current_guard"]
 
 _current = threading.local()
 
@@ -38,7 +35,7 @@ class Guard:
         self.deadline = time.monotonic() + seconds
         self.expired = False
         self.cancelled = False
-        self._sock: socket.socket | None = None
+        self._stop: Callable[[], None] | None = None
         self._active = True
 
     @property
@@ -47,13 +44,21 @@ class Guard:
         return self.expired or self.cancelled or time.monotonic() >= self.deadline
 
     def attach(self, sock: socket.socket) -> None:
-        """Register the socket this attempt is reading from."""
+        """Register the socket this attempt is reading from: firing shuts it down."""
+        self.on_fire(partial(_shutdown, sock))
+
+    def on_fire(self, stop: Callable[[], None]) -> None:
+        """Register what ends this attempt when the guard fires (at once if it has).
+
+        ``stop`` runs on the watchdog's thread with its lock held: it must only wake or
+        shut down, never block. A later registration replaces an earlier one.
+        """
         with self._watchdog.lock:
             if not self._active:
                 return
-            self._sock = sock
+            self._stop = stop
             if self.expired or self.cancelled:
-                _shutdown(sock)
+                stop()
 
     def _fire(self, *, cancelled: bool) -> None:
         # Called with the watchdog lock held.
@@ -63,8 +68,8 @@ class Guard:
             self.cancelled = True
         else:
             self.expired = True
-        if self._sock is not None:
-            _shutdown(self._sock)
+        if self._stop is not None:
+            self._stop()
 
     def __enter__(self) -> Guard:
         self._previous = getattr(_current, "guard", None)
@@ -80,7 +85,7 @@ class Guard:
         _current.guard = self._previous
         with self._watchdog.lock:
             self._active = False
-            self._sock = None
+            self._stop = None
         self._watchdog.forget(self)
 
 
@@ -168,47 +173,3 @@ class Watchdog:
 def current_guard() -> Guard | None:
     """The guard of the attempt running on this thread, if any."""
     return getattr(_current, "guard", None)
-
-
-class _GuardedHTTPConnection(HTTPConnection):
-    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-        g = current_guard()
-        if g is not None and self.sock is not None:
-            g.attach(self.sock)
-        return super().getresponse(*args, **kwargs)
-
-
-class _GuardedHTTPSConnection(HTTPSConnection):
-    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
-        g = current_guard()
-        if g is not None and self.sock is not None:
-            g.attach(self.sock)
-        return super().getresponse(*args, **kwargs)
-
-
-class _GuardedHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
-
-
-class _GuardedHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
-
-
-GUARDED_POOL_CLASSES: dict[str, type[HTTPConnectionPool]] = {
-    "http": _GuardedHTTPConnectionPool,
-    "https": _GuardedHTTPSConnectionPool,
-}
-
-
-def guard_pool_manager(manager: PoolManager) -> bool:
-    """Make ``manager`` create guarded connections, if it uses urllib3's default pools.
-
-    Returns:
-        Whether the manager now hands sockets to guards (a custom pool class is left
-        alone; the deadline is then checked between body chunks only).
-    """
-    classes = manager.pool_classes_by_scheme
-    if classes.get("http") is HTTPConnectionPool and classes.get("https") is HTTPSConnectionPool:
-        manager.pool_classes_by_scheme = dict(GUARDED_POOL_CLASSES)
-        return True
-    return all(classes.get(s) is GUARDED_POOL_CLASSES[s] for s in ("http", "https"))

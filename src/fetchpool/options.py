@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 import requests
 
 from .results import ProgressEvent
 from .retry import MAX_SECONDS, RetryPolicy
 
-__all__ = ["DEFAULT_MAX_BYTES", "DownloadOptions", "Options", "make_options"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MAX_BYTES",
+    "OPTION_NAMES",
+    "DownloadOptions",
+    "Options",
+    "make_options",
+]
 
 #: The default ``max_bytes``: 2 GiB.
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -23,6 +30,9 @@ Verify = Literal["image"]
 ProgressCallback = Callable[[ProgressEvent], object]
 SessionFactory = Callable[[], requests.Session]
 Timeout = float | tuple[float, float]
+Backend = Literal["requests"]
+#: The transfer backends ``backend=`` accepts.
+BACKENDS: tuple[Backend, ...] = ("requests",)
 
 
 class DownloadOptions(TypedDict, total=False):
@@ -40,24 +50,33 @@ class DownloadOptions(TypedDict, total=False):
     headers: Mapping[str, str] | None
     session_factory: SessionFactory | None
     progress: bool | ProgressCallback | None
+    backend: Backend
+
+
+_DEFAULT_RETRY = RetryPolicy()
 
 
 @dataclass(frozen=True)
 class Options:
-    """Validated options (internal)."""
+    """Validated options (internal); the defaults here are the documented ones."""
 
-    retry: RetryPolicy
-    timeout: tuple[float, float]
-    deadline: float
-    max_bytes: int | None
-    overwrite: Overwrite
-    content_disposition: bool
-    allow_downgrade: bool
-    fsync: bool
-    verify: Verify | None
-    headers: Mapping[str, str]
-    session_factory: SessionFactory | None
-    progress: bool | ProgressCallback | None
+    retry: RetryPolicy = _DEFAULT_RETRY
+    timeout: tuple[float, float] = (10.0, 30.0)
+    deadline: float = 300.0
+    max_bytes: int | None = DEFAULT_MAX_BYTES
+    overwrite: Overwrite = "skip"
+    content_disposition: bool = False
+    allow_downgrade: bool = False
+    fsync: bool = False
+    verify: Verify | None = "image"
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    session_factory: SessionFactory | None = None
+    progress: bool | ProgressCallback | None = None
+    backend: Backend = "requests"
+
+
+#: The option names, in the order the docs list them.
+OPTION_NAMES = tuple(f.name for f in fields(Options))
 
 
 def _positive(name: str, value: object) -> float:
@@ -74,27 +93,18 @@ def _flag(name: str, value: object) -> bool:
     return value
 
 
-def make_options(
-    *,
-    retry: RetryPolicy | int,
-    timeout: Timeout,
-    deadline: float,
-    max_bytes: int | None,
-    overwrite: Overwrite,
-    content_disposition: bool,
-    allow_downgrade: bool,
-    fsync: bool,
-    verify: Verify | None,
-    headers: Mapping[str, str] | None,
-    session_factory: SessionFactory | None,
-    progress: bool | ProgressCallback | None,
-) -> Options:
-    """Validate the options.
+def make_options(given: Mapping[str, Any], caller: str = "Downloader()") -> Options:
+    """Validate the keyword options a caller passed, and fill in the defaults.
 
     Raises:
-        TypeError: an option of the wrong type.
+        TypeError: an unknown option, or an option of the wrong type.
         ValueError: an option with a value outside its range.
     """
+    unknown = sorted(set(given) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{caller} got an unexpected keyword argument {unknown[0]!r}")
+    raw = {**{f.name: getattr(_DEFAULTS, f.name) for f in fields(Options)}, **given}
+    timeout = raw["timeout"]
     if isinstance(timeout, tuple):
         if len(timeout) != 2:
             raise ValueError(f"timeout must be (connect, read), not {timeout!r}")
@@ -102,37 +112,50 @@ def make_options(
     else:
         one = _positive("timeout", timeout)
         pair = (one, one)
+    max_bytes = raw["max_bytes"]
     if max_bytes is not None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
             raise TypeError(f"max_bytes must be an int or None, not {type(max_bytes).__name__}")
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+    overwrite = raw["overwrite"]
     if overwrite not in ("skip", "replace", "error"):
         raise ValueError(f"overwrite must be 'skip', 'replace' or 'error', not {overwrite!r}")
+    verify = raw["verify"]
     if verify not in ("image", None):
         raise ValueError(f"verify must be 'image' or None, not {verify!r}")
     clean_headers: dict[str, str] = {}
-    for key, value in (headers or {}).items():
+    for key, value in (raw["headers"] or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError("headers must map str to str")
         if any(c in key + value for c in "\r\n\0"):
             raise ValueError(f"header {key!r} contains a line break or NUL")
         clean_headers[key] = value
+    session_factory = raw["session_factory"]
     if session_factory is not None and not callable(session_factory):
         raise TypeError("session_factory must be a callable returning a requests.Session")
+    progress = raw["progress"]
     if progress is not None and not isinstance(progress, bool) and not callable(progress):
         raise TypeError("progress must be True, False, None or a callable")
+    backend = raw["backend"]
+    if backend not in BACKENDS:
+        names = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"backend must be one of {names}, not {backend!r}")
     return Options(
-        retry=RetryPolicy.coerce(retry),
+        retry=RetryPolicy.coerce(raw["retry"]),
         timeout=pair,
-        deadline=_positive("deadline", deadline),
+        deadline=_positive("deadline", raw["deadline"]),
         max_bytes=max_bytes,
         overwrite=overwrite,
-        content_disposition=_flag("content_disposition", content_disposition),
-        allow_downgrade=_flag("allow_downgrade", allow_downgrade),
-        fsync=_flag("fsync", fsync),
+        content_disposition=_flag("content_disposition", raw["content_disposition"]),
+        allow_downgrade=_flag("allow_downgrade", raw["allow_downgrade"]),
+        fsync=_flag("fsync", raw["fsync"]),
         verify=verify,
         headers=MappingProxyType(clean_headers),
         session_factory=session_factory,
         progress=progress,
+        backend=backend,
     )
+
+
+_DEFAULTS = Options()

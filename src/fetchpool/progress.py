@@ -1,17 +1,21 @@
-"""The optional progress bar behind ``progress=True`` and the command line (needs ``tqdm``)."""
+"""Progress events: their delivery to a callback, and the optional bar (needs ``tqdm``)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TextIO
 
-from .results import ProgressEvent
+from .results import ProgressEvent, ProgressState
 from .results import _human_bytes as human_bytes
 
-__all__ = ["TqdmBar"]
+__all__ = ["Emitter", "TqdmBar"]
+
+log = logging.getLogger("fetchpool")
 
 #: The least time between two redraws caused by bytes arriving (files finishing redraw
 #: through tqdm's own ``mininterval``).
@@ -120,3 +124,44 @@ class TqdmBar:
         with self._lock:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
             self._bar.close()
+
+
+class Emitter:
+    """Delivers progress events to the caller's ``progress`` option, one call at a time.
+
+    Args:
+        progress: ``True`` for a :class:`TqdmBar`, a callable taking
+            :class:`ProgressEvent`, or ``None``/``False`` for no events at all.
+
+    Raises:
+        ImportError: ``progress=True`` without tqdm.
+    """
+
+    def __init__(self, progress: bool | Callable[[ProgressEvent], object] | None) -> None:
+        self.bar: TqdmBar | None = None
+        self._callback: Callable[[ProgressEvent], object] | None = None
+        if progress is True:
+            self.bar = TqdmBar()
+            self._callback = self.bar
+        elif callable(progress):
+            self._callback = progress
+        # Reentrant: a callback may call submit(), which emits "started".
+        self._lock = threading.RLock()
+
+    def __call__(self, url: object, nbytes: int, total: int | None, state: ProgressState) -> None:
+        """Send one event; a callback that raises is logged and ignored."""
+        callback = self._callback
+        if callback is None:
+            return
+        shown = url if isinstance(url, str) else repr(url)
+        event = ProgressEvent(url=shown, bytes=nbytes, total=total, state=state)
+        with self._lock:
+            try:
+                callback(event)
+            except Exception:
+                log.exception("progress callback raised; ignored")
+
+    def close(self) -> None:
+        """Close the bar, if there is one."""
+        if self.bar is not None:
+            self.bar.close()

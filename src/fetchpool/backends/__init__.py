@@ -1,0 +1,204 @@
+"""The transport seam: what a backend must do, and the failures it reports.
+
+A backend answers one question: "send this GET, give me the status, the headers and
+the body bytes". Everything else, redirects, status and framing checks, decoding,
+limits, naming and storage, is written once, above it (:mod:`fetchpool.transfer`,
+:mod:`fetchpool.pipeline`). A backend never follows a redirect, never decodes a body
+and never retries: it reports what the wire said, and maps its own exceptions to the
+failures below so that both backends fail with the same types and messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..deadline import Guard
+from ..errors import FetchError, InvalidURL, TransferError
+from ..naming import scrub
+
+__all__ = [
+    "BodyEnded",
+    "Failure",
+    "Reply",
+    "Request",
+    "SpliceSink",
+    "Transport",
+    "attempt_error",
+    "check_guard",
+    "describe",
+    "open_transport",
+]
+
+#: What went wrong below HTTP, as every backend classifies it.
+Failure = Literal["invalid-url", "tls", "tls-dropped", "malformed", "timeout", "connection"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One GET to send, one hop of a redirect chain.
+
+    Attributes:
+        url: the URL, without user-info.
+        headers: the request headers (the caller's, plus fetchpool's own).
+        auth: ``(user, password)`` for Basic auth, from the caller's URL, or ``None``.
+        drop: header names not to send even where the backend would add them itself
+            (a session's default headers or cookie jar): set on cross-origin hops.
+        timeout: ``(connect, read)`` seconds.
+        shown: the caller's URL as messages show it (no user-info).
+        secrets: what messages must never contain.
+    """
+
+    url: str
+    headers: Mapping[str, str]
+    auth: tuple[str, str] | None
+    drop: tuple[str, ...]
+    timeout: tuple[float, float]
+    shown: str
+    secrets: tuple[str, ...] = ()
+
+
+class SpliceSink(Protocol):
+    """Where :meth:`Reply.splice` puts the body (a :class:`~fetchpool.storage.TempFile`)."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def splice_from(self, pipe_fd: int, count: int) -> None: ...
+
+
+class Reply(Protocol):
+    """A response whose headers have arrived and whose body is unread.
+
+    ``headers`` is case-insensitive; a field sent more than once has its values joined
+    with ``", "``.
+    """
+
+    @property
+    def status(self) -> int:
+        """The HTTP status code."""
+        ...
+
+    @property
+    def reason(self) -> str:
+        """The reason phrase (may be empty: HTTP/2 has none)."""
+        ...
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The response headers."""
+        ...
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """Yield the body as sent (transfer framing removed, content encoding kept).
+
+        Raises:
+            FetchError: the read failed (mapped with :func:`attempt_error`).
+            BodyEnded: the connection ended before the announced length.
+        """
+        ...
+
+    def splice(self, sink: SpliceSink, length: int, moved: Callable[[int], None]) -> bool:
+        """Move the next ``length`` body bytes into ``sink`` without reading them here.
+
+        Call ``moved(n)`` after each ``n`` bytes given to ``sink``. Returns ``False``
+        (having moved none, or some with every count up to date) where this reply
+        cannot; :meth:`chunks` then reads the rest.
+
+        Raises:
+            FetchError: as :meth:`chunks`; the connection is then closed.
+            BodyEnded: as :meth:`chunks`.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the reply; an unread body is dropped with its connection."""
+        ...
+
+
+class Transport(Protocol):
+    """A backend: sends single requests on behalf of the pipeline's worker threads."""
+
+    def send(self, request: Request, guard: Guard) -> Reply:
+        """Send ``request`` and return once the status and headers are in.
+
+        The transport must end the attempt when ``guard`` fires (deadline or cancel),
+        however the server behaves.
+
+        Raises:
+            FetchError: the request failed (mapped with :func:`attempt_error`).
+        """
+        ...
+
+    def close(self) -> None:
+        """Close every connection the transport opened."""
+        ...
+
+
+class BodyEnded(Exception):
+    """The body stopped short of its ``Content-Length`` (turned into a truncation error)."""
+
+
+def describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
+    """Return a short text for a cause, good for an error message, with secrets removed."""
+    text = scrub(str(exc) or type(exc).__name__, secrets)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def attempt_error(
+    kind: Failure, shown: str, during: str, detail: str, guard: Guard | None
+) -> FetchError:
+    """Return the error for a failure below HTTP, worded the same for every backend.
+
+    A fired ``guard`` wins over ``kind``: a socket shut down by the watchdog fails as a
+    reset, but what the caller needs to hear is the deadline (or the cancel).
+
+    Args:
+        kind: what the backend saw.
+        shown: the URL as messages show it.
+        during: ``"requesting"`` or ``"while reading"``.
+        detail: the backend's own text for the cause (secrets already removed).
+        guard: the attempt's guard.
+    """
+    if guard is not None and guard.cancelled:
+        return TransferError(f"download of {shown} cancelled", url=shown, cancelled=True)
+    if guard is not None and guard.fired:
+        return TransferError(
+            f"{guard.limit} of {guard.seconds:.3g} s exceeded {during} {shown}", url=shown
+        )
+    if kind == "invalid-url":
+        return InvalidURL(f"invalid URL {shown}: {detail}", url=shown)
+    if kind in ("tls", "tls-dropped"):
+        # The connection dropping mid-handshake may heal; a refused certificate or a
+        # protocol mismatch will not.
+        return TransferError(
+            f"TLS error {during} {shown}: {detail}", url=shown, retryable=kind == "tls-dropped"
+        )
+    if kind == "malformed":
+        return TransferError(
+            f"malformed response {during} {shown}: {detail}", url=shown, retryable=False
+        )
+    if kind == "timeout":
+        return TransferError(f"timed out {during} {shown}: {detail}", url=shown)
+    return TransferError(f"connection failed {during} {shown}: {detail}", url=shown)
+
+
+def check_guard(guard: Guard | None, shown: str, during: str = "while reading") -> None:
+    """Raise the deadline's (or the cancel's) error if ``guard`` has fired."""
+    if guard is not None and guard.fired:
+        raise attempt_error("timeout", shown, during, "stopped", guard)
+
+
+def open_transport(
+    backend: str, workers: int, session_factory: Callable[[], object] | None = None
+) -> Transport:
+    """Return a new transport of the named backend, for a pool of ``workers`` threads.
+
+    Raises:
+        ValueError: an unknown backend.
+        TypeError: ``session_factory`` with a backend other than ``"requests"``.
+    """
+    if backend == "requests":
+        from .requests import RequestsTransport  # noqa: PLC0415 - load a backend when used
+
+        return RequestsTransport(workers, session_factory)  # type: ignore[arg-type]
+    raise ValueError(f"unknown backend {backend!r}")

