@@ -58,6 +58,8 @@ SLACK = 5.0
 
 _counter = itertools.count()
 
+pytestmark = pytest.mark.usefixtures("each_backend")
+
 
 def uniq(stem: str = "x", ext: str = ".png") -> str:
     """A name no other test of this module uses (the server's state is per path)."""

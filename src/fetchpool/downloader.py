@@ -60,11 +60,15 @@ class Downloader:
             called once per worker thread (``backend="requests"`` only).
         progress: ``True`` for a progress bar on stderr (needs ``tqdm``), or a callable
             that receives :class:`ProgressEvent` objects (calls are serialised).
-        backend: the transfer backend, ``"requests"`` (default).
+        backend: the transfer backend: ``"requests"`` (default; what ``responses``
+            mocks, and the only one that takes ``session_factory``) or ``"curl"``
+            (``pip install "fetchpool[curl]"``: libcurl's multi interface, HTTP/2 where
+            the server offers it).
 
     Raises:
         NotADirectoryError: ``dest`` exists and is not a directory.
         ValueError, TypeError: an option is out of range, of the wrong type, or unknown.
+        ImportError: ``backend="curl"`` without pycurl.
     """
 
     def __init__(
@@ -81,15 +85,20 @@ class Downloader:
         self.dest = Path(dest)
         if self.dest.exists() and not self.dest.is_dir():
             raise NotADirectoryError(f"dest is not a directory: {self.dest}")
-        self.dest.mkdir(parents=True, exist_ok=True)
         self.workers = workers
-        self._emit = Emitter(self._opts.progress)
         self._cancel = threading.Event()
         self._watchdog = Watchdog()
+        # Before anything is created: a missing backend fails with nothing left behind.
         self._transport = open_transport(self._opts.backend, workers, self._opts.session_factory)
-        self._pipeline = Pipeline(
-            self.dest, self._opts, self._transport, self._emit, self._cancel, self._watchdog
-        )
+        try:
+            self.dest.mkdir(parents=True, exist_ok=True)
+            self._emit = Emitter(self._opts.progress)
+            self._pipeline = Pipeline(
+                self.dest, self._opts, self._transport, self._emit, self._cancel, self._watchdog
+            )
+        except BaseException:
+            self._transport.close()
+            raise
         # Lock files stay open while this Downloader lives; also released if it is
         # dropped without close(), at the latest when the interpreter exits.
         weakref.finalize(self, self._pipeline.pins.release)

@@ -30,9 +30,9 @@ Verify = Literal["image"]
 ProgressCallback = Callable[[ProgressEvent], object]
 SessionFactory = Callable[[], requests.Session]
 Timeout = float | tuple[float, float]
-Backend = Literal["requests"]
+Backend = Literal["requests", "curl"]
 #: The transfer backends ``backend=`` accepts.
-BACKENDS: tuple[Backend, ...] = ("requests",)
+BACKENDS: tuple[Backend, ...] = ("requests", "curl")
 
 
 class DownloadOptions(TypedDict, total=False):
@@ -141,6 +141,8 @@ def make_options(given: Mapping[str, Any], caller: str = "Downloader()") -> Opti
     if backend not in BACKENDS:
         names = ", ".join(repr(b) for b in BACKENDS)
         raise ValueError(f"backend must be one of {names}, not {backend!r}")
+    if backend != "requests" and session_factory is not None:
+        raise TypeError(f"session_factory needs backend='requests', not {backend!r}")
     return Options(
         retry=RetryPolicy.coerce(raw["retry"]),
         timeout=pair,

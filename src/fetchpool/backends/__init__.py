@@ -195,10 +195,19 @@ def open_transport(
 
     Raises:
         ValueError: an unknown backend.
-        TypeError: ``session_factory`` with a backend other than ``"requests"``.
+        ImportError: ``"curl"`` without pycurl (``pip install "fetchpool[curl]"``).
     """
+    # Each backend's module is imported when it is first used: what it costs, it pays.
     if backend == "requests":
-        from .requests import RequestsTransport  # noqa: PLC0415 - load a backend when used
+        from .requests import RequestsTransport  # noqa: PLC0415
 
         return RequestsTransport(workers, session_factory)  # type: ignore[arg-type]
+    if backend == "curl":
+        try:
+            from .curl import CurlTransport  # noqa: PLC0415
+        except ImportError as exc:
+            raise ImportError(
+                f"backend='curl' needs pycurl: pip install \"fetchpool[curl]\" ({exc})"
+            ) from exc
+        return CurlTransport(workers)
     raise ValueError(f"unknown backend {backend!r}")

@@ -1,0 +1,654 @@
+"""The libcurl backend (``backend="curl"``, ``pip install "fetchpool[curl]"``).
+
+One thread runs libcurl's multi interface for the whole Downloader: it owns the
+``CurlMulti``, every socket (through ``epoll``, by libcurl's socket callbacks) and the
+connection cache, so connections are reused across workers and HTTP/2 streams share
+one connection per host. The pool's worker threads stay what they are on the requests
+backend, blocking callers running the shared pipeline: :meth:`CurlTransport.send`
+hands a prepared easy handle to the loop and waits for the headers; the body then
+flows from the loop's write callback through a small bounded buffer (the transfer is
+paused when the worker falls behind) into the worker's :meth:`CurlReply.chunks`.
+
+Why this shape: the per-URL pipeline (names, locks, retries, temporary files) stays
+written once for both backends, and every transfer's socket work happens in C, under
+one event loop, without a Python thread per connection.
+
+libcurl is told to do as little as possible on its own: it follows no redirect,
+decodes no body, retries nothing, keeps no cookies and reads no proxy variables (the
+proxy is chosen here, per URL, as requests would choose it).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import selectors
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import certifi
+import pycurl
+from requests.structures import CaseInsensitiveDict
+from requests.utils import get_environ_proxies, select_proxy
+
+from .. import __version__
+from ..deadline import Guard
+from ..errors import FetchError
+from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
+
+__all__ = ["CurlError", "CurlReply", "CurlTransport"]
+
+log = logging.getLogger("fetchpool")
+
+# Numbers this pycurl may not name (libcurl's are stable).
+_E_WEIRD_SERVER_REPLY = 8
+_OPT_SUPPRESS_CONNECT_HEADERS = 265
+
+_INVALID_URL = frozenset({pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT})
+_TLS_REFUSED = frozenset(
+    {
+        pycurl.E_PEER_FAILED_VERIFICATION,
+        pycurl.E_SSL_CERTPROBLEM,
+        pycurl.E_SSL_CIPHER,
+        pycurl.E_SSL_CACERT_BADFILE,
+        pycurl.E_SSL_ISSUER_ERROR,
+        pycurl.E_SSL_PINNEDPUBKEYNOTMATCH,
+        pycurl.E_SSL_INVALIDCERTSTATUS,
+    }
+)
+_MALFORMED = frozenset({_E_WEIRD_SERVER_REPLY, pycurl.E_BAD_CONTENT_ENCODING})
+# What a TLS handshake that the network broke (not the peer refused) says.
+_TLS_DROPPED_WORDS = ("SSL_ERROR_SYSCALL", "unexpected eof", "reset by peer", "Connection reset")
+
+#: The bytes a transfer may hold for its worker before libcurl is asked to pause it.
+_HIGH_WATER = 1024 * 1024
+#: The size of libcurl's receive buffer: the most one write callback delivers.
+_BUFFER_SIZE = 256 * 1024
+_PROXY_CACHE_HOSTS = 256
+
+
+class CurlError(Exception):
+    """What libcurl said of a transfer that failed: the cause under a fetchpool error.
+
+    Attributes:
+        code: libcurl's ``CURLE_*`` number.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.message or 'failed'} (curl error {self.code})"
+
+
+def _classify(code: int, message: str) -> Failure:
+    if code in _INVALID_URL:
+        return "invalid-url"
+    if code in _TLS_REFUSED:
+        return "tls"
+    if code == pycurl.E_SSL_CONNECT_ERROR:
+        dropped = any(word.lower() in message.lower() for word in _TLS_DROPPED_WORDS)
+        return "tls-dropped" if dropped else "tls"
+    if code in _MALFORMED or (code == pycurl.E_RECV_ERROR and "chunk" in message.lower()):
+        return "malformed"
+    if code == pycurl.E_OPERATION_TIMEDOUT:
+        return "timeout"
+    return "connection"
+
+
+def _without_dot_segments(url: str) -> str:
+    """Remove literal ``.`` and ``..`` path segments (RFC 3986 5.2.4), as urllib3 does.
+
+    libcurl would do it too, but it also takes ``%2e%2e`` for ``..``; it is told to send
+    the path as it is, so that both backends ask for the same resource.
+    """
+    parts = urlsplit(url)
+    path = parts.path
+    if "/." not in path:
+        return url
+    out: list[str] = []
+    segments = path.split("/")
+    for i, segment in enumerate(segments):
+        if segment == ".":
+            pass
+        elif segment == "..":
+            if len(out) > 1:
+                out.pop()
+        else:
+            out.append(segment)
+        if segment in (".", "..") and i == len(segments) - 1:
+            out.append("")
+    squashed = "/".join(out) or "/"
+    if not squashed.startswith("/"):
+        squashed = "/" + squashed
+    return parts._replace(path=squashed).geturl()
+
+
+def _basic_auth(user: str, password: str) -> str:
+    def encode(text: str) -> bytes:
+        # requests sends latin-1 where it can; beyond it, UTF-8 is what servers expect.
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            return text.encode("utf-8")
+
+    token = base64.b64encode(encode(user) + b":" + encode(password)).decode("ascii")
+    return f"Basic {token}"
+
+
+def _ca_bundle() -> str:
+    # The bundle requests would use: its environment variables, else certifi's.
+    return (
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+    )
+
+
+class _Transfer:
+    """One request in flight: what the loop thread fills and the worker reads.
+
+    Every field is guarded by ``cond``'s lock, except those only the loop touches.
+    """
+
+    def __init__(self, request: Request, guard: Guard, read_timeout: float, start: float) -> None:
+        self.request = request
+        self.guard = guard
+        self.cond = threading.Condition(threading.Lock())
+        self.status = 0
+        self.reason = ""
+        self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+        self.ready = False  # the final response's headers are all in
+        self.done = False  # libcurl finished (or the loop gave up on) the transfer
+        self.code = 0
+        self.message = ""
+        self.failure: Failure | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.paused = False
+        self.waiting = False
+        self.closed = False
+        # Loop thread only: when the transfer last saw a byte, and how long it may idle.
+        self.read_timeout = read_timeout
+        self.active = start
+
+    def finish(self, code: int, message: str, failure: Failure | None = None) -> None:
+        with self.cond:
+            self.done = True
+            self.code = code
+            self.message = message
+            self.failure = failure
+            self.cond.notify_all()
+
+    def wait_headers(self, given_up: Callable[[], bool]) -> bool:
+        """Wait until the headers are in (``True``) or the transfer ended without them."""
+        with self.cond:
+            while not self.ready and not self.done and not given_up():
+                self.cond.wait(0.5)
+            return self.ready
+
+    def cause(self) -> CurlError:
+        """libcurl's own error, to chain under ours."""
+        return CurlError(self.code, self.message)
+
+    def error(self, during: str) -> FetchError | BodyEnded:
+        """The error for a transfer that ended with a non-zero code."""
+        request = self.request
+        if self.code == pycurl.E_PARTIAL_FILE and self.ready:
+            return BodyEnded()
+        kind = self.failure or _classify(self.code, self.message)
+        detail = describe(self.cause(), request.secrets)
+        return attempt_error(kind, request.shown, during, detail, self.guard)
+
+
+class _Slot:
+    """An easy handle and the callbacks bound to it, reused across transfers."""
+
+    def __init__(self, transport: CurlTransport) -> None:
+        self._transport = transport
+        self.transfer: _Transfer | None = None
+        self.proxy: str | None = None
+        self.connect_ms = -1
+        easy = pycurl.Curl()
+        self.easy = easy
+        easy.setopt(pycurl.NOSIGNAL, 1)
+        easy.setopt(pycurl.FOLLOWLOCATION, 0)
+        easy.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        easy.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        easy.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
+        # Wait for a connection that can multiplex rather than open a new one.
+        easy.setopt(pycurl.PIPEWAIT, 1)
+        easy.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
+        easy.setopt(pycurl.PATH_AS_IS, 1)
+        easy.setopt(_OPT_SUPPRESS_CONNECT_HEADERS, 1)
+        easy.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
+        easy.setopt(pycurl.USERAGENT, transport.user_agent)
+        easy.setopt(pycurl.SSL_VERIFYPEER, 1)
+        easy.setopt(pycurl.SSL_VERIFYHOST, 2)
+        if os.path.isdir(transport.ca_bundle):
+            easy.setopt(pycurl.CAPATH, transport.ca_bundle)
+        else:
+            easy.setopt(pycurl.CAINFO, transport.ca_bundle)
+        easy.setopt(pycurl.PREREQFUNCTION, self.on_connected)
+        easy.setopt(pycurl.HEADERFUNCTION, self.on_header)
+        easy.setopt(pycurl.WRITEFUNCTION, self.on_write)
+
+    # The callbacks run on the loop thread, inside libcurl.
+
+    def on_connected(self, *addresses: object) -> int:
+        # Connected (or given a reused connection), the request about to go out: from
+        # here the read timeout applies, as it does to requests' first recv().
+        t = self.transfer
+        if t is not None:
+            t.active = time.monotonic()
+            self._transport.idle_check_by(t.active + t.read_timeout)
+        return 0  # CURL_PREREQFUNC_OK
+
+    def on_header(self, line: bytes) -> int | None:
+        t = self.transfer
+        if t is None:
+            return 0
+        t.active = time.monotonic()
+        text = line.decode("latin-1").rstrip("\r\n")
+        if text.startswith("HTTP/"):
+            # A new response (after a 1xx, or the first): start its headers afresh.
+            parts = text.split(" ", 2)
+            with t.cond:
+                t.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+                t.reason = parts[2].strip() if len(parts) > 2 else ""
+                t.headers = CaseInsensitiveDict()
+            return None
+        if text:
+            name, colon, value = text.partition(":")
+            if colon:
+                name, value = name.strip(), value.strip()
+                seen = t.headers.get(name)
+                t.headers[name] = value if seen is None else f"{seen}, {value}"
+            return None
+        if 100 <= t.status < 200:
+            return None
+        with t.cond:
+            t.ready = True
+            t.cond.notify_all()
+        # Only a 2xx body is ever read (DESIGN rule 7): end any other transfer now.
+        return None if 200 <= t.status < 300 else 0
+
+    def on_write(self, data: bytes) -> int | None:
+        t = self.transfer
+        if t is None or t.closed:
+            return 0
+        t.active = time.monotonic()
+        with t.cond:
+            if t.buffered >= _HIGH_WATER:
+                # libcurl hands the same bytes again once unpaused.
+                t.paused = True
+                return pycurl.WRITEFUNC_PAUSE  # type: ignore[no-any-return]
+            t.chunks.append(data)
+            t.buffered += len(data)
+            if t.waiting:
+                t.cond.notify()
+        return None
+
+
+class CurlReply:
+    """The reply of a :class:`CurlTransport`; see :class:`fetchpool.backends.Reply`."""
+
+    def __init__(self, transport: CurlTransport, slot: _Slot, transfer: _Transfer) -> None:
+        self._transport = transport
+        self._slot = slot
+        self._t = transfer
+        self.status = transfer.status
+        self.reason = transfer.reason
+        self.headers = transfer.headers
+
+    def chunks(self, size: int) -> Iterator[bytes]:
+        """Yield the body as libcurl delivers it (framing removed, encoding kept)."""
+        t = self._t
+        while True:
+            with t.cond:
+                while not t.chunks and not t.done:
+                    t.waiting = True
+                    t.cond.wait(0.5)
+                    t.waiting = False
+                    if not t.done and not t.chunks:
+                        check_guard(t.guard, t.request.shown)
+                if t.chunks:
+                    data = t.chunks.popleft()
+                    t.buffered -= len(data)
+                    resume = t.paused and t.buffered < _HIGH_WATER // 2
+                    if resume:
+                        t.paused = False
+                else:
+                    data, resume = b"", False
+            if resume:
+                self._transport.post("resume", self._slot, t)
+            if data:
+                yield data
+                continue
+            if t.code:
+                raise t.error("while reading") from t.cause()
+            return
+
+    def splice(self, sink: SpliceSink, length: int, moved: Callable[[int], None]) -> bool:
+        """Not offered: the body reaches Python through libcurl's write callback."""
+        return False
+
+    def close(self) -> None:
+        """End the transfer if it is still running, and give its handle back."""
+        t = self._t
+        with t.cond:
+            t.closed = True
+            t.chunks.clear()
+            t.buffered = 0
+        self._transport.post("close", self._slot, t)
+
+
+class CurlTransport:
+    """Sends the workers' requests through one libcurl multi handle on one loop thread.
+
+    Args:
+        workers: the pool's size: at most this many transfers run at once.
+
+    Raises:
+        ImportError: pycurl is not installed (raised when this module is imported).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.user_agent = f"fetchpool/{__version__} " + " ".join(pycurl.version.split()[:2])
+        self.ca_bundle = _ca_bundle()
+        self._workers = workers
+        self._lock = threading.Lock()
+        self._free: list[_Slot] = []
+        self._slots: list[_Slot] = []
+        self._commands: deque[tuple[str, _Slot, _Transfer]] = deque()
+        self._proxies: dict[tuple[str, str], str] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failed: BaseException | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._woken = False
+        self._multi = pycurl.CurlMulti()
+        self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
+        self._multi.setopt(pycurl.M_MAXCONNECTS, max(16, workers))
+        self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._timer: float | None = None
+        self._idle_check = 0.0
+        self._running: dict[int, _Slot] = {}
+
+    # -- worker side ---------------------------------------------------------------------
+
+    def _proxy_for(self, url: str) -> str:
+        parts = urlsplit(url)
+        key = (parts.scheme.lower(), parts.netloc.lower())
+        with self._lock:
+            proxy = self._proxies.get(key)
+        if proxy is None:
+            # The choice requests makes: *_proxy and no_proxy from the environment.
+            proxy = select_proxy(url, get_environ_proxies(url)) or ""
+            with self._lock:
+                if len(self._proxies) >= _PROXY_CACHE_HOSTS:
+                    self._proxies.clear()
+                self._proxies[key] = proxy
+        return proxy
+
+    def _slot(self) -> _Slot:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        slot = _Slot(self)
+        with self._lock:
+            self._slots.append(slot)
+        return slot
+
+    def post(self, what: str, slot: _Slot, transfer: _Transfer) -> None:
+        """Queue a command about ``transfer`` for the loop thread and wake it.
+
+        A command names its transfer, not just the handle: one that arrives after the
+        handle went on to another transfer is then dropped.
+        """
+        with self._lock:
+            self._commands.append((what, slot, transfer))
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(
+                    target=self._run, name="fetchpool-curl", daemon=True
+                )
+                self._thread.start()
+            wake = not self._woken
+            self._woken = True
+        if wake:
+            try:
+                os.write(self._wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def send(self, request: Request, guard: Guard) -> CurlReply:
+        """Send one GET, redirects not followed; see :class:`fetchpool.backends.Transport`."""
+        if self._failed is not None:
+            raise FetchError(f"the curl loop failed: {self._failed!r}", url=request.shown)
+        connect, read = request.timeout
+        slot = self._slot()
+        easy = slot.easy
+        header_lines = [
+            f"{name}: {value}" if value else f"{name};" for name, value in request.headers.items()
+        ]
+        if request.auth is not None:
+            header_lines.append(f"Authorization: {_basic_auth(*request.auth)}")
+        try:
+            easy.setopt(pycurl.URL, _without_dot_segments(request.url))
+        except (pycurl.error, UnicodeEncodeError, ValueError) as exc:
+            self._give_back(slot)
+            raise attempt_error(
+                "invalid-url", request.shown, "requesting", describe(exc, request.secrets), guard
+            ) from exc
+        easy.setopt(pycurl.HTTPHEADER, header_lines)
+        connect_ms = max(1, int(connect * 1000))
+        if connect_ms != slot.connect_ms:
+            easy.setopt(pycurl.CONNECTTIMEOUT_MS, connect_ms)
+            slot.connect_ms = connect_ms
+        proxy = self._proxy_for(request.url)
+        if proxy != slot.proxy:
+            # "" switches libcurl's own reading of the environment off, too.
+            easy.setopt(pycurl.PROXY, proxy)
+            slot.proxy = proxy
+        start = time.monotonic()
+        t = _Transfer(request, guard, read, start + connect)
+        slot.transfer = t
+        guard.on_fire(lambda: self.post("abort", slot, t))
+        self.post("add", slot, t)
+        if not t.wait_headers(lambda: self._failed is not None):
+            self.post("close", slot, t)
+            if t.done and t.code:
+                error = t.error("requesting")
+                if isinstance(error, BodyEnded):  # pragma: no cover - needs t.ready
+                    error = attempt_error("connection", request.shown, "requesting", "", guard)
+                raise error from t.cause()
+            raise attempt_error("connection", request.shown, "requesting", "no response", guard)
+        return CurlReply(self, slot, t)
+
+    def _give_back(self, slot: _Slot) -> None:
+        slot.transfer = None
+        with self._lock:
+            self._free.append(slot)
+
+    def close(self) -> None:
+        """Stop the loop thread and close every handle (and so every connection)."""
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+        if thread is not None:
+            try:
+                os.write(self._wake_w, b"\0")
+            except OSError:
+                pass
+            thread.join()
+        for slot in self._slots:
+            slot.easy.close()
+        self._slots.clear()
+        self._free.clear()
+        self._multi.close()
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # -- loop thread ---------------------------------------------------------------------
+
+    def _on_socket(self, what: int, fd: int, multi: object, data: object) -> None:
+        if what == pycurl.POLL_REMOVE:
+            try:
+                self._selector.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            return
+        events = 0
+        if what & pycurl.POLL_IN:
+            events |= selectors.EVENT_READ
+        if what & pycurl.POLL_OUT:
+            events |= selectors.EVENT_WRITE
+        try:
+            self._selector.modify(fd, events)
+        except KeyError:
+            self._selector.register(fd, events)
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        self._timer = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            log.exception("the curl loop failed")
+            self._failed = exc
+            for slot in list(self._running.values()):
+                if slot.transfer is not None:
+                    slot.transfer.finish(-1, f"internal error: {exc!r}", "connection")
+            with self._lock:
+                stranded = [t for _, _, t in self._commands]
+            for t in stranded:
+                t.finish(-1, f"internal error: {exc!r}", "connection")
+            raise
+
+    def idle_check_by(self, when: float) -> None:
+        """Have the loop look for idle transfers no later than ``when`` (loop thread)."""
+        self._idle_check = min(self._idle_check, when)
+
+    def _loop(self) -> None:
+        while True:
+            self._do_commands()
+            if self._stopping:
+                for slot in list(self._running.values()):
+                    self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "closed"), None)
+                return
+            now = time.monotonic()
+            if self._timer is not None and self._timer <= now:
+                self._timer = None
+                self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+                self._collect()
+            if now >= self._idle_check:
+                self._idle_check = self._check_idle(now)
+            wait = self._idle_check - now
+            if self._timer is not None:
+                wait = min(wait, self._timer - now)
+            for key, mask in self._selector.select(max(0.0, wait)):
+                if key.fd == self._wake_r:
+                    self._drain_wake()
+                    continue
+                flags = 0
+                if mask & selectors.EVENT_READ:
+                    flags |= pycurl.CSELECT_IN
+                if mask & selectors.EVENT_WRITE:
+                    flags |= pycurl.CSELECT_OUT
+                self._multi.socket_action(key.fd, flags)
+            self._collect()
+
+    def _drain_wake(self) -> None:
+        with self._lock:
+            self._woken = False
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _do_commands(self) -> None:
+        while True:
+            with self._lock:
+                if not self._commands:
+                    return
+                what, slot, t = self._commands.popleft()
+            if slot.transfer is not t:
+                continue  # about a transfer that is over: the handle has moved on
+            running = id(slot.easy) in self._running
+            if what == "add":
+                if not t.done and not t.closed:
+                    self._running[id(slot.easy)] = slot
+                    self._multi.add_handle(slot.easy)
+            elif what == "resume":
+                if running and not t.closed:
+                    t.active = time.monotonic()
+                    slot.easy.pause(pycurl.PAUSE_CONT)
+            elif what == "abort":
+                if running:
+                    self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "stopped"), "timeout")
+            elif what == "close":
+                if running:
+                    self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "closed"), "connection")
+                self._give_back(slot)
+
+    def _remove(self, slot: _Slot, result: tuple[int, str], failure: Failure | None) -> None:
+        del self._running[id(slot.easy)]
+        self._multi.remove_handle(slot.easy)
+        t = slot.transfer
+        if t is not None and not t.done:
+            t.finish(result[0], result[1], failure)
+
+    def _collect(self) -> None:
+        while True:
+            queued, ok, failed = self._multi.info_read()
+            for easy in ok:
+                self._done(easy, 0, "")
+            for easy, code, message in failed:
+                self._done(easy, code, message)
+            if not queued:
+                return
+
+    def _done(self, easy: pycurl.Curl, code: int, message: str) -> None:
+        slot = self._running.pop(id(easy), None)
+        if slot is None:  # pragma: no cover - libcurl reports only handles it was given
+            return
+        t = slot.transfer
+        if (
+            t is not None
+            and code == pycurl.E_WRITE_ERROR
+            and t.ready
+            and not (200 <= t.status < 300)
+        ):
+            # Our own header callback ended a non-2xx answer: the headers are all in.
+            code, message = 0, ""
+        self._multi.remove_handle(easy)
+        if t is not None:
+            t.finish(code, message)
+
+    def _check_idle(self, now: float) -> float:
+        """End transfers that saw no byte for their read timeout; return the next check."""
+        nearest = now + 1.0
+        for slot in list(self._running.values()):
+            t = slot.transfer
+            if t is None or t.paused:
+                continue
+            limit = t.active + t.read_timeout
+            if limit <= now:
+                self._remove(
+                    slot,
+                    (pycurl.E_OPERATION_TIMEDOUT, f"no data for {t.read_timeout:g} s"),
+                    "timeout",
+                )
+            else:
+                nearest = min(nearest, limit)
+        return nearest
