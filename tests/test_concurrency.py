@@ -49,6 +49,8 @@ PROC_FETCH = TESTS / "_proc_fetch.py"
 PROC_SERVER = TESTS / "_proc_server.py"
 RESERVED = ".fetchpool-"
 
+pytestmark = pytest.mark.usefixtures("each_backend")
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -704,7 +706,7 @@ def test_no_pool_full_warnings_at_64_workers(
 
 @pytest.mark.timeout(60)
 def test_connections_are_reused(
-    server: ImageServer, dest: Path, caplog: pytest.LogCaptureFixture
+    server: ImageServer, dest: Path, caplog: pytest.LogCaptureFixture, each_backend: str
 ) -> None:
     # ImageServer counts requests, not connections: count them where urllib3 opens them.
     caplog.set_level(logging.DEBUG, logger="urllib3.connectionpool")
@@ -714,7 +716,10 @@ def test_connections_are_reused(
     assert all(r.status == "downloaded" for r in results)
     opened = [r for r in caplog.records if r.getMessage().startswith("Starting new HTTP")]
     assert server.total_requests == 200
-    assert 1 <= len(opened) <= 16, f"{len(opened)} connections opened for 200 requests"
+    # Counted where the server accepts them, for any backend; and where urllib3 opens them.
+    assert 1 <= server.total_connections <= 8, server.total_connections
+    if each_backend == "requests":
+        assert 1 <= len(opened) <= 8, f"{len(opened)} connections opened for 200 requests"
 
 
 # --------------------------------------------------------------------------- 9

@@ -14,6 +14,8 @@ from fetchpool import Downloader, StorageError
 from fetchpool.storage import LOCK_FILE_NAME, PathLock, lock_key, sweep
 from fetchpool.testing import ImageServer
 
+pytestmark = pytest.mark.usefixtures("each_backend")
+
 
 def _count_under_lock(
     directory: str, rounds: int, start: multiprocessing.synchronize.Event

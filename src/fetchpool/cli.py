@@ -35,6 +35,7 @@ from . import __version__
 from .downloader import Downloader
 from .errors import FetchError, InvalidURL, TransferError
 from .naming import redact_url
+from .options import Backend
 from .progress import TqdmBar
 from .results import DownloadResult, ProgressEvent, Summary
 
@@ -314,8 +315,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="log what fetchpool does to stderr (-v: retries and failures, -vv: debug)",
     )
-    parser.add_argument("--version", action="version", version=f"fetchpool {__version__}")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "requests", "curl"),
+        default="auto",
+        help="the transfer backend: curl (libcurl, HTTP/2; needs fetchpool[curl]) or "
+        "requests; auto (default) takes curl when pycurl is installed",
+    )
+    parser.add_argument("--version", action="version", version=_version())
     return parser
+
+
+def resolve_backend(choice: str) -> Backend:
+    """Return the backend ``--backend`` names; ``auto`` is curl where pycurl imports."""
+    if choice == "requests":
+        return "requests"
+    if choice == "curl":
+        return "curl"
+    try:
+        import pycurl  # noqa: F401, PLC0415 - only asked whether it is there
+    except ImportError:
+        return "requests"
+    return "curl"
+
+
+def _backend_text(backend: Backend) -> str:
+    if backend == "curl":
+        import pycurl  # noqa: PLC0415 - present: resolve_backend found it
+
+        return f"curl ({' '.join(pycurl.version.split()[:2])})"
+    import requests  # noqa: PLC0415
+
+    return f"requests {requests.__version__}"
+
+
+def _version() -> str:
+    return f"fetchpool {__version__} (backend auto: {_backend_text(resolve_backend('auto'))})"
 
 
 # --------------------------------------------------------------------------- input
@@ -833,6 +868,7 @@ def _open(
                 raise UsageError(
                     f"cannot write report {args.report}: {exc.strerror or exc}"
                 ) from exc
+        backend = resolve_backend(args.backend)
         try:
             downloader = Downloader(
                 args.dest,
@@ -848,7 +884,10 @@ def _open(
                 verify=None if args.no_verify else "image",
                 headers=dict(args.header),
                 progress=progress,
+                backend=backend,
             )
+        except ImportError as exc:
+            raise UsageError(str(exc)) from None
         except NotADirectoryError:
             raise UsageError(f"the destination {args.dest} is not a directory") from None
         except OSError as exc:
@@ -873,6 +912,7 @@ def _run(args: argparse.Namespace, stop: _StopRequest) -> int:
     collector = _Collector(feeder, report, relay.bar)
     finished = False
     with _logging(args.verbose, relay.bar is not None):
+        log.info("backend: %s", _backend_text(downloader.backend))
         try:
             feeder.start()
             finished = collector.collect(stop)

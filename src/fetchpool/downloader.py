@@ -86,6 +86,8 @@ class Downloader:
         if self.dest.exists() and not self.dest.is_dir():
             raise NotADirectoryError(f"dest is not a directory: {self.dest}")
         self.workers = workers
+        #: The transfer backend in use.
+        self.backend = self._opts.backend
         self._cancel = threading.Event()
         self._watchdog = Watchdog()
         # Before anything is created: a missing backend fails with nothing left behind.

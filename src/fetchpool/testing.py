@@ -479,6 +479,7 @@ class _Server(ThreadingHTTPServer):
                 self.shutdown_request(request)
                 return
             self._connections[sock] = thread
+        self.owner._count_connection()
         thread.start()
 
     def process_request_thread(
@@ -978,6 +979,7 @@ class ImageServer:
         self._attempts: Counter[str] = Counter()
         self._last_headers: dict[str, dict[str, str]] = {}
         self._total = 0
+        self._accepted = 0
         self._lifecycle = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -1125,7 +1127,8 @@ class ImageServer:
             return self._hits[key]
 
     def reset_hits(self) -> None:
-        """Zero the hit counters, :attr:`total_requests` and :meth:`last_headers`.
+        """Zero the hit counters, :attr:`total_requests`, :attr:`total_connections` and
+        :meth:`last_headers`.
 
         The per-URL state of ``/fail/``, ``/reset-once/`` and ``/truncate-once/`` is
         kept; use a fresh ``<name>`` to get fresh failures.
@@ -1134,6 +1137,17 @@ class ImageServer:
             self._hits.clear()
             self._last_headers.clear()
             self._total = 0
+            self._accepted = 0
+
+    def _count_connection(self) -> None:
+        with self._lock:
+            self._accepted += 1
+
+    @property
+    def total_connections(self) -> int:
+        """Number of connections accepted since start or :meth:`reset_hits`."""
+        with self._lock:
+            return self._accepted
 
     @property
     def total_requests(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import selectors
 import threading
 import time
@@ -32,6 +33,8 @@ from urllib.parse import urlsplit
 
 import certifi
 import pycurl
+from requests.exceptions import RequestException
+from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_environ_proxies, select_proxy
 
@@ -100,6 +103,19 @@ def _classify(code: int, message: str) -> Failure:
     if code == pycurl.E_OPERATION_TIMEDOUT:
         return "timeout"
     return "connection"
+
+
+# What a URL may hold as it is, unquoted (RFC 3986): anything else is quoted first.
+_PLAIN_URL = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]*")
+
+
+def _wire_url(url: str) -> str:
+    """Return ``url`` as requests would put it on the wire (IDNA host, quoted path)."""
+    if url.isascii() and _PLAIN_URL.fullmatch(url):
+        return _without_dot_segments(url)
+    prepared = PreparedRequest()
+    prepared.prepare_url(url, None)
+    return prepared.url or url
 
 
 def _without_dot_segments(url: str) -> str:
@@ -368,6 +384,7 @@ class CurlTransport:
         self._proxies: dict[tuple[str, str], str] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False
         self._failed: BaseException | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._woken = False
@@ -441,8 +458,8 @@ class CurlTransport:
         if request.auth is not None:
             header_lines.append(f"Authorization: {_basic_auth(*request.auth)}")
         try:
-            easy.setopt(pycurl.URL, _without_dot_segments(request.url))
-        except (pycurl.error, UnicodeEncodeError, ValueError) as exc:
+            easy.setopt(pycurl.URL, _wire_url(request.url))
+        except (pycurl.error, RequestException, UnicodeError, ValueError) as exc:
             self._give_back(slot)
             raise attempt_error(
                 "invalid-url", request.shown, "requesting", describe(exc, request.secrets), guard
@@ -480,7 +497,9 @@ class CurlTransport:
     def close(self) -> None:
         """Stop the loop thread and close every handle (and so every connection)."""
         with self._lock:
-            self._stopping = True
+            if self._closed:
+                return
+            self._closed = self._stopping = True
             thread = self._thread
         if thread is not None:
             try:
