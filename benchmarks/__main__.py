@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         scenario = table[name]
         print(f"== {scenario.title}", file=sys.stderr)
         if name == "peak-rss":
-            results.append(run_peak_rss(scenario, args.repeat))
+            results.append(run_peak_rss(scenario, args.repeat, args.contestants))
         else:
             profile = profiles and name in ("latency-bound", "cpu-bound")
             results.append(

@@ -9,6 +9,7 @@ process's peak RSS (``VmHWM``) and RSS before the call.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -16,7 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.contestants import RUNNERS, floor_buffer, map_urls, write_floor
+from benchmarks.contestants import (
+    FETCHPOOL_CONTESTANTS,
+    MAP_SUFFIX,
+    RUNNERS,
+    fetchpool_options,
+    floor_buffer,
+    map_urls,
+    write_floor,
+)
+
+#: The module of each fetchpool backend, loaded on first use: imported before the clock.
+_BACKEND_MODULES = {"requests": "fetchpool.backends.requests", "curl": "fetchpool.backends.curl"}
 
 
 def memory_kib(field: str) -> int:
@@ -37,13 +49,16 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
-def run_map(spec: dict[str, Any], dest: Path) -> tuple[float, int]:
-    """Drive ``Downloader.map()`` over a URL generator; return (seconds, failures)."""
+def run_map(spec: dict[str, Any], dest: Path, contestant: str) -> tuple[float, int]:
+    """Drive ``Downloader.map()`` over a URL generator; return (seconds, failures).
+
+    ``contestant`` is the fetchpool contestant whose options the ``Downloader`` gets.
+    """
     from fetchpool import Downloader
 
     failures = 0
     urls = map_urls(spec["base"], spec["collection"], int(spec["count"]), spec["ext"])
-    with Downloader(dest, int(spec["workers"])) as dl:
+    with Downloader(dest, int(spec["workers"]), **fetchpool_options(contestant)) as dl:
         start = time.perf_counter()
         for result in dl.map(urls):
             failures += not result.ok
@@ -64,10 +79,18 @@ def main(argv: list[str]) -> int:
     if name == "parfive":
         import parfive  # noqa: F401  (aiohttp's import time is not download time)
 
+    fetchpool_name = name.removesuffix(MAP_SUFFIX)
+    if fetchpool_name in FETCHPOOL_CONTESTANTS:
+        backend = FETCHPOOL_CONTESTANTS[fetchpool_name].get("backend", "requests")
+        if backend == "curl":
+            import pycurl  # noqa: F401  (libcurl's load time is not download time)
+        # fetchpool loads a backend when a Downloader first uses it.
+        importlib.import_module(_BACKEND_MODULES[backend])
+
     baseline = memory_kib("VmRSS")
     cpu = cpu_seconds()
-    if name == "fetchpool-map":
-        seconds, failures = run_map(spec, dest)
+    if name.endswith(MAP_SUFFIX) and fetchpool_name in FETCHPOOL_CONTESTANTS:
+        seconds, failures = run_map(spec, dest, fetchpool_name)
     else:
         urls = Path(spec["urls_file"]).read_text().split()
         buffer = floor_buffer()

@@ -10,22 +10,45 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, cast
 
 import requests
 
+if TYPE_CHECKING:
+    from fetchpool.options import DownloadOptions
+
 #: Python contestants, run by :mod:`benchmarks.child` in a process of their own.
-PYTHON_CONTESTANTS: Final = ("fetchpool", "hand-pool", "sequential", "tutorial-threads", "parfive")
+PYTHON_CONTESTANTS: Final = (
+    "fetchpool",
+    "fetchpool-curl",
+    "hand-pool",
+    "sequential",
+    "tutorial-threads",
+    "parfive",
+)
 #: Command-line tools, run directly.
 EXTERNAL_CONTESTANTS: Final = ("wget2", "curl", "aria2c")
 ALL_CONTESTANTS: Final = PYTHON_CONTESTANTS + EXTERNAL_CONTESTANTS
+#: fetchpool itself, one contestant per transfer backend, and the options each passes
+#: (``fetchpool`` passes none: the default backend, requests).
+FETCHPOOL_CONTESTANTS: Final[dict[str, dict[str, str]]] = {
+    "fetchpool": {},
+    "fetchpool-curl": {"backend": "curl"},
+}
+#: A fetchpool contestant's name + this: ``Downloader.map()`` over a URL generator
+#: (the ``peak-rss`` scenario), with that contestant's options.
+MAP_SUFFIX: Final = "-map"
 
 DESCRIPTIONS: Final = {
-    "fetchpool": "fetchpool.download_all(urls, dest, workers=N), default options",
+    "fetchpool": "fetchpool.download_all(urls, dest, workers=N), default options "
+    "(backend='requests')",
+    "fetchpool-curl": "fetchpool.download_all(urls, dest, workers=N, backend='curl') "
+    "(pycurl, libcurl's multi interface), default options otherwise",
     "hand-pool": "ThreadPoolExecutor(N), one requests.Session per thread, iter_content(256 KiB)",
     "sequential": "a plain loop, one requests.Session (keep-alive), session.get(url).content",
     "tutorial-threads": "one threading.Thread per URL, requests.get(url).content, joined",
@@ -48,8 +71,39 @@ def unavailable(name: str) -> str | None:
     """Return why a contestant cannot run here (``"wget2 not installed"``), or None."""
     if name == "parfive":
         return None if importlib.util.find_spec("parfive") else "parfive not installed"
+    if name == "fetchpool-curl":
+        if not importlib.util.find_spec("pycurl"):
+            return "pycurl not installed"
+        return _backend_unavailable(name)
     if name in EXTERNAL_CONTESTANTS:
         return None if shutil.which(name) else f"{name} not installed"
+    return None
+
+
+def fetchpool_options(name: str) -> DownloadOptions:
+    """Return the options the fetchpool contestant ``name`` passes to fetchpool."""
+    # A cast: the backend names fetchpool's type declares may lag behind the contestants.
+    return cast("DownloadOptions", dict(FETCHPOOL_CONTESTANTS[name]))
+
+
+def _backend_unavailable(name: str) -> str | None:
+    """Return why fetchpool refuses the options of ``name`` (its backend), or None.
+
+    Opens (and closes) a ``Downloader`` with them on an empty directory: the backend
+    is there when fetchpool accepts the option and the backend starts.
+    """
+    import fetchpool
+
+    options = fetchpool_options(name)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="fpbench-probe-") as dest,
+            fetchpool.Downloader(dest, 1, **options),
+        ):
+            pass
+    except Exception as exc:
+        shown = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        return f"fetchpool refuses {shown}: {type(exc).__name__}: {exc}"
     return None
 
 
@@ -61,6 +115,14 @@ def run_fetchpool(urls: list[str], dest: Path, workers: int) -> int:
     from fetchpool import download_all
 
     results = download_all(urls, dest, workers=workers)
+    return len(results.failed)
+
+
+def run_fetchpool_curl(urls: list[str], dest: Path, workers: int) -> int:
+    """Download with ``download_all(..., backend="curl")``; return the number of failures."""
+    from fetchpool import download_all
+
+    results = download_all(urls, dest, workers=workers, **fetchpool_options("fetchpool-curl"))
     return len(results.failed)
 
 
@@ -157,6 +219,7 @@ def write_floor(sizes: list[int], dest: Path, workers: int, buffer: memoryview) 
 
 RUNNERS: Final[dict[str, Callable[[list[str], Path, int], int]]] = {
     "fetchpool": run_fetchpool,
+    "fetchpool-curl": run_fetchpool_curl,
     "hand-pool": run_hand_pool,
     "sequential": run_sequential,
     "tutorial-threads": run_tutorial_threads,

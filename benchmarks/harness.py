@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -22,6 +22,8 @@ from typing import IO, Any, Final
 from benchmarks.contestants import (
     ALL_CONTESTANTS,
     EXTERNAL_CONTESTANTS,
+    FETCHPOOL_CONTESTANTS,
+    MAP_SUFFIX,
     basename,
     external_command,
     unavailable,
@@ -31,6 +33,8 @@ from benchmarks.scenarios import Scenario
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 _READ: Final = 1 << 20
+#: The contestants profiled under py-spy (when it is installed and they run).
+PROFILED: Final = ("fetchpool", "fetchpool-curl", "hand-pool")
 
 
 @dataclass
@@ -357,8 +361,8 @@ def run_download_scenario(
 ) -> ScenarioResult:
     """Run every available contestant ``repeat`` times (interleaved) on one scenario.
 
-    With ``profile_dir``, fetchpool and the hand pool then run twice more under py-spy
-    (profiles only, not timed); ``profile_only`` skips the timed runs.
+    With ``profile_dir``, fetchpool (each backend) and the hand pool then run twice more
+    under py-spy (profiles only, not timed); ``profile_only`` skips the timed runs.
     """
     result = ScenarioResult.of(scenario)
     chosen = []
@@ -405,7 +409,7 @@ def run_download_scenario(
                 "runs": floors,
             }
         if profile_dir is not None and shutil.which("py-spy"):
-            for name in ("fetchpool", "hand-pool"):
+            for name in PROFILED:
                 if name not in chosen:
                     continue
                 for gil in (False, True):
@@ -419,19 +423,50 @@ def run_download_scenario(
     return result
 
 
-def run_peak_rss(scenario: Scenario, repeat: int, *, log: IO[str] = sys.stderr) -> ScenarioResult:
-    """Peak RSS of fetchpool on the big file, and of ``map()`` at two URL counts."""
+def peak_rss_contestants(contestants: Sequence[str]) -> list[str]:
+    """The fetchpool contestants (backends) ``peak-rss`` measures, given the chosen ones.
+
+    Every fetchpool contestant chosen; fetchpool alone when none is (the scenario is
+    fetchpool's own).
+    """
+    return [name for name in FETCHPOOL_CONTESTANTS if name in contestants] or ["fetchpool"]
+
+
+def run_peak_rss(
+    scenario: Scenario,
+    repeat: int,
+    contestants: Sequence[str] = tuple(FETCHPOOL_CONTESTANTS),
+    *,
+    log: IO[str] = sys.stderr,
+) -> ScenarioResult:
+    """Peak RSS of fetchpool on the big file, and of ``map()`` at two URL counts.
+
+    Once per fetchpool backend among ``contestants`` (see :func:`peak_rss_contestants`),
+    interleaved; runs are named ``<contestant> (big file)`` and
+    ``<contestant> map() x <count>``.
+    """
     result = ScenarioResult.of(scenario)
+    chosen = []
+    for name in peak_rss_contestants(contestants):
+        reason = scenario.skip.get(name) or unavailable(name)
+        if reason:
+            result.skipped[name] = reason
+            print(f"  skipped: {name}: {reason}", file=log)
+        else:
+            chosen.append(name)
     with ServerProcess(server_config(scenario, collection="small")) as server:
         url, sha, _ = server.big_url()
         for _ in range(repeat):
-            run = run_one("fetchpool", scenario, server, [url], {basename(url): sha})
-            run.contestant = "fetchpool (big file)"
-            result.runs.append(run)
-            print(
-                f"  big file: {run.seconds:.2f} s, peak RSS {run.peak_rss_kib / 1024:.1f} MiB",
-                file=log,
-            )
+            for name in chosen:
+                run = run_one(name, scenario, server, [url], {basename(url): sha})
+                run.contestant = f"{name} (big file)"
+                result.runs.append(run)
+                print(
+                    f"  {name} big file: {run.seconds:.2f} s, "
+                    f"peak RSS {run.peak_rss_kib / 1024:.1f} MiB"
+                    + (f"  [{run.error[:200]}]" if run.error else ""),
+                    file=log,
+                )
         ext = server.manifest["collections"]["small"][0][0]
         for count in scenario.map_counts:
             entries = server.urls("small", count)
@@ -442,17 +477,24 @@ def run_peak_rss(scenario: Scenario, repeat: int, *, log: IO[str] = sys.stderr) 
                 "count": count,
                 "ext": ext,
             }
-            run = run_one(
-                "fetchpool-map", scenario, server, [], expected, map_spec=map_spec, timeout=3600
-            )
-            run.contestant = f"fetchpool map() x {count:,}"
-            result.runs.append(run)
-            print(
-                f"  map() over {count}: {run.seconds:.1f} s, {run.files_ok}/{run.n} ok, "
-                f"peak RSS {run.peak_rss_kib / 1024:.1f} MiB"
-                + (f"  [{run.error[:200]}]" if run.error else ""),
-                file=log,
-            )
+            for name in chosen:
+                run = run_one(
+                    name + MAP_SUFFIX,
+                    scenario,
+                    server,
+                    [],
+                    expected,
+                    map_spec=map_spec,
+                    timeout=3600,
+                )
+                run.contestant = f"{name} map() x {count:,}"
+                result.runs.append(run)
+                print(
+                    f"  {name} map() over {count}: {run.seconds:.1f} s, "
+                    f"{run.files_ok}/{run.n} ok, peak RSS {run.peak_rss_kib / 1024:.1f} MiB"
+                    + (f"  [{run.error[:200]}]" if run.error else ""),
+                    file=log,
+                )
     return result
 
 

@@ -10,12 +10,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from benchmarks.contestants import DESCRIPTIONS
+from benchmarks.contestants import DESCRIPTIONS, FETCHPOOL_CONTESTANTS
 from benchmarks.harness import ROOT, ScenarioResult
 
 _MIB = 1024
+#: ``(a, b)``: the report gives ``a / b`` (medians, CPU, per-round median) where both ran.
+RATIOS: Final = (
+    ("fetchpool", "hand-pool"),
+    # The curl backend against the requests backend and the fastest tools.
+    ("fetchpool-curl", "fetchpool"),
+    ("fetchpool-curl", "curl"),
+    ("fetchpool-curl", "wget2"),
+)
+#: Scenarios of many small files, bound by the CPU spent per file: the report gives it.
+CPU_PER_FILE: Final = ("cpu-bound",)
+#: Chart colours of fetchpool's contestants (the others are blue).
+_COLORS: Final = {"fetchpool": "#c44e52", "fetchpool-curl": "#dd8452"}
 
 
 def machine() -> dict[str, Any]:
@@ -43,6 +55,13 @@ def machine() -> dict[str, Any]:
         import parfive
 
         tools["parfive"] = str(parfive.__version__)
+    except ImportError:
+        pass
+    try:
+        import pycurl
+
+        # "PycURL/7.49.0 libcurl/8.23.0 OpenSSL/3.6.5 ...": the first two say enough.
+        tools["pycurl"] = " ".join(str(pycurl.version).split()[:2])
     except ImportError:
         pass
     commit = ""
@@ -119,12 +138,17 @@ def scenario_markdown(result: ScenarioResult) -> str:
             f"{_fmt_ratio(ideal / best if best else None)} | 1.00x |"
         )
     lines += ["", f"ideal = {result.ideal.get('kind', 'n/a')}."]
-    if "fetchpool" in medians and "hand-pool" in medians:
-        lines.append(
-            f"fetchpool / hand-pool = {medians['fetchpool'] / medians['hand-pool']:.3f} "
-            f"(CPU time: {cpu['fetchpool'] / max(cpu['hand-pool'], 1e-9):.3f}); "
-            f"median of the per-round ratios: {paired_ratio(result, 'fetchpool', 'hand-pool')}."
-        )
+    for a, b in RATIOS:
+        if a in medians and b in medians:
+            lines.append(
+                f"{a} / {b} = {medians[a] / medians[b]:.3f} "
+                f"(CPU time: {cpu[a] / max(cpu[b], 1e-9):.3f}); "
+                f"median of the per-round ratios: {paired_ratio(result, a, b)}."
+            )
+        elif a in medians and b in result.skipped:
+            lines.append(f"{a} / {b}: n/a ({b} skipped: {result.skipped[b]}).")
+    if result.name in CPU_PER_FILE and result.n:
+        lines.append(cpu_per_file(result))
     for name, reason in result.skipped.items():
         lines.append(f"skipped: {name}: {reason}.")
     errors = {r.contestant: r.error for r in result.runs if r.error}
@@ -133,6 +157,16 @@ def scenario_markdown(result: ScenarioResult) -> str:
     if result.note:
         lines.append(f"Note: {result.note}")
     return "\n".join(lines) + "\n"
+
+
+def cpu_per_file(result: ScenarioResult) -> str:
+    """Return the line of median CPU µs per file, fetchpool's contestants first."""
+    cpu = result.medians(cpu=True)
+    order = sorted(cpu, key=lambda name: (name not in FETCHPOOL_CONTESTANTS, cpu[name]))
+    shown = ", ".join(f"{name} {1e6 * cpu[name] / result.n:,.0f}" for name in order)
+    return (
+        f"CPU µs per file (median CPU s / {result.n:,} files; tools: the whole process): {shown}."
+    )
 
 
 def paired_ratio(result: ScenarioResult, a: str, b: str) -> str:
@@ -160,20 +194,31 @@ def _peak_rss_table(result: ScenarioResult) -> list[str]:
         f"{_rss(run.baseline_rss_kib)} | {_rss(run.peak_rss_kib)} |"
         for run in result.runs
     )
-    big = [r.peak_rss_kib for r in result.runs if "big file" in r.contestant]
-    maps = [r for r in result.runs if "map()" in r.contestant]
     lines.append("")
-    if big:
-        verdict = "met" if max(big) <= 64 * _MIB else "missed"
-        lines.append(f"big file: max peak RSS {max(big) / _MIB:.1f} MiB (target <= 64): {verdict}.")
-    if len(maps) == 2:
-        small, large = maps
-        growth = (large.peak_rss_kib - small.peak_rss_kib) / _MIB
-        lines.append(
-            f"map(): peak RSS {small.peak_rss_kib / _MIB:.1f} MiB at {small.n:,} URLs, "
-            f"{large.peak_rss_kib / _MIB:.1f} MiB at {large.n:,} URLs "
-            f"({growth:+.1f} MiB); {large.n:,} URLs took {large.seconds:.1f} s."
-        )
+    for name in FETCHPOOL_CONTESTANTS:
+        # "fetchpool (big file)", "fetchpool map() x 10,000"; the prefix names the backend.
+        label = "" if name == "fetchpool" else f"{name} "
+        big = [r.peak_rss_kib for r in result.runs if r.contestant == f"{name} (big file)"]
+        maps = [r for r in result.runs if r.contestant.startswith(f"{name} map() x ")]
+        if big:
+            verdict = "met" if max(big) <= 64 * _MIB else "missed"
+            lines.append(
+                f"{label}big file: max peak RSS {max(big) / _MIB:.1f} MiB (target <= 64): "
+                f"{verdict}."
+            )
+        if len(maps) == 2:
+            small, large = maps
+            growth = (large.peak_rss_kib - small.peak_rss_kib) / _MIB
+            lines.append(
+                f"{label}map(): peak RSS {small.peak_rss_kib / _MIB:.1f} MiB at {small.n:,} "
+                f"URLs, {large.peak_rss_kib / _MIB:.1f} MiB at {large.n:,} URLs "
+                f"({growth:+.1f} MiB); {large.n:,} URLs took {large.seconds:.1f} s."
+            )
+    for name, reason in result.skipped.items():
+        lines.append(f"skipped: {name}: {reason}.")
+    errors = {r.contestant: r.error for r in result.runs if r.error}
+    for name, error in errors.items():
+        lines.append(f"{name} reported: `{error[:200].replace(chr(10), ' ')}`")
     return lines
 
 
@@ -225,7 +270,7 @@ def chart(results: list[ScenarioResult], out: Path) -> str | None:
     for ax, result in zip(axes[:, 0], shown, strict=True):
         medians = sorted(result.medians().items(), key=lambda kv: kv[1])
         names = [name for name, _ in medians]
-        colors = ["#c44e52" if n == "fetchpool" else "#4c72b0" for n in names]
+        colors = [_COLORS.get(n, "#4c72b0") for n in names]
         ax.barh(names, [s for _, s in medians], color=colors)
         ideal = result.ideal.get("seconds")
         if ideal:

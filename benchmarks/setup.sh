@@ -20,8 +20,9 @@ else
 fi
 
 PYTHON="${PYTHON:-python3}"
-# parfive: a contestant; matplotlib: the PNG chart; py-spy: the profiles.
-for package in parfive matplotlib py-spy; do
+# parfive: a contestant; pycurl: fetchpool's curl backend (the fetchpool-curl
+# contestant); matplotlib: the PNG chart; py-spy: the profiles.
+for package in parfive pycurl matplotlib py-spy; do
     if "$PYTHON" -m pip install -q "$package"; then
         echo "installed: $package"
     else

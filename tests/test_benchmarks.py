@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +112,260 @@ def test_profile_summary_leaves_out_startup(monkeypatch: pytest.MonkeyPatch) -> 
     assert " 75.0%  send (http/client.py)" in text
     assert "100.0%  work (fetchpool/x.py)" in text
     assert "Thread.run" not in text
+
+
+def _quick_run(contestants: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """Run the quick CPU-bound scenario once for ``contestants``, no profile or chart."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--scenario",
+            "cpu-bound",
+            "--repeat",
+            "1",
+            "--contestants",
+            contestants,
+            "--no-profile",
+            "--no-chart",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_curl_backend_runs_or_is_skipped_with_a_note(tmp_path: Path) -> None:
+    # Skipped while pycurl is missing or fetchpool refuses backend="curl"; once both
+    # are there, it runs and every file must verify.
+    out = tmp_path / "results"
+    proc = _quick_run("fetchpool-curl,hand-pool", out)
+    assert proc.returncode == 0, proc.stderr
+    scenario = json.loads((out / "results.json").read_text())["scenarios"]["cpu-bound"]
+    runs = {run["contestant"]: run for run in scenario["runs"]}
+    markdown = (out / "results.md").read_text()
+    if "fetchpool-curl" in scenario["skipped"]:
+        assert set(runs) == {"hand-pool"}
+        assert f"skipped: fetchpool-curl: {scenario['skipped']['fetchpool-curl']}." in markdown
+    else:
+        assert set(runs) == {"fetchpool-curl", "hand-pool"}
+        assert runs["fetchpool-curl"]["files_ok"] == runs["fetchpool-curl"]["n"] > 0
+        assert runs["fetchpool-curl"]["failures"] == 0
+        assert "| fetchpool-curl |" in markdown
+    assert "CPU µs per file (median CPU s / 200 files" in markdown
+
+
+def test_curl_backend_is_a_contestant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import child, contestants, harness
+    from benchmarks.__main__ import parse_args
+
+    assert contestants.PYTHON_CONTESTANTS[:2] == ("fetchpool", "fetchpool-curl")
+    assert set(contestants.RUNNERS) == set(contestants.PYTHON_CONTESTANTS)
+    assert set(contestants.DESCRIPTIONS) == set(contestants.ALL_CONTESTANTS)
+    assert "backend='requests'" in contestants.DESCRIPTIONS["fetchpool"]
+    assert "backend='curl'" in contestants.DESCRIPTIONS["fetchpool-curl"]
+    assert contestants.fetchpool_options("fetchpool") == {}
+    assert contestants.fetchpool_options("fetchpool-curl") == {"backend": "curl"}
+    backends = {
+        opts.get("backend", "requests") for opts in contestants.FETCHPOOL_CONTESTANTS.values()
+    }
+    assert backends <= set(child._BACKEND_MODULES)
+    assert {"fetchpool", "fetchpool-curl"} <= set(harness.PROFILED)
+    # peak-rss (the big file and map()) runs for every fetchpool backend chosen.
+    assert harness.peak_rss_contestants(contestants.ALL_CONTESTANTS) == [
+        "fetchpool",
+        "fetchpool-curl",
+    ]
+    assert harness.peak_rss_contestants(["fetchpool-curl", "curl"]) == ["fetchpool-curl"]
+    assert harness.peak_rss_contestants(["hand-pool"]) == ["fetchpool"]
+    assert "fetchpool-curl" in parse_args([]).contestants
+    assert parse_args(["--contestants", "fetchpool-curl"]).contestants == ["fetchpool-curl"]
+
+
+def test_curl_backend_unavailable_without_pycurl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib.util
+
+    from benchmarks import contestants
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "pycurl" else real(name)
+    )
+    assert contestants.unavailable("fetchpool-curl") == "pycurl not installed"
+    assert contestants.unavailable("fetchpool") is None
+
+
+def test_curl_backend_unavailable_while_fetchpool_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    import importlib.util
+
+    from benchmarks import contestants
+
+    import fetchpool
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: object() if name == "pycurl" else real(name)
+    )
+    seen: list[tuple[int, dict[str, object]]] = []
+
+    class Refusing:
+        def __init__(self, dest: str, workers: int, **options: object) -> None:
+            seen.append((workers, options))
+            raise ValueError("backend must be one of 'requests', not 'curl'")
+
+    monkeypatch.setattr(fetchpool, "Downloader", Refusing)
+    assert contestants.unavailable("fetchpool-curl") == (
+        "fetchpool refuses backend='curl': ValueError: "
+        "backend must be one of 'requests', not 'curl'"
+    )
+    assert seen == [(1, {"backend": "curl"})]
+
+    class Accepting:
+        def __init__(self, dest: str, workers: int, **options: object) -> None:
+            assert Path(dest).is_dir()
+
+        def __enter__(self) -> Accepting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    monkeypatch.setattr(fetchpool, "Downloader", Accepting)
+    assert contestants.unavailable("fetchpool-curl") is None
+
+
+def _fake_run(name: str, seconds: float, cpu: float, n: int, rss_kib: int = 40 * 1024) -> Any:
+    from benchmarks.harness import Run
+
+    return Run(
+        contestant=name,
+        seconds=seconds,
+        wall=seconds,
+        files_ok=n,
+        n=n,
+        peak_rss_kib=rss_kib,
+        server_cpu=0.1,
+        exit_code=0,
+        cpu=cpu,
+    )
+
+
+_FAKE_MACHINE = {
+    "cpu": "test CPU",
+    "cores": 2,
+    "memory": "1.0 GiB",
+    "python": "3.11.7",
+    "kernel": "6.0",
+    "date": "2024-01-01 00:00:00 UTC",
+    "fetchpool": "0.1.0 (commit abc1234)",
+    "requests": "2.32.0",
+    "tools": {"curl": "curl 8.0.0"},
+}
+
+
+def test_report_gives_the_curl_backends_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.harness import ScenarioResult
+    from benchmarks.report import markdown
+    from benchmarks.scenarios import scenarios
+
+    table = scenarios(quick=False)
+    cpu_bound = ScenarioResult.of(table["cpu-bound"])
+    n = cpu_bound.n
+    assert n == 2000
+    # Two interleaved rounds: (contestant, seconds, CPU seconds).
+    for curl_backend in ((1.0, 0.4), (2.0, 0.6)):
+        cpu_bound.runs += [
+            _fake_run("fetchpool", 4.0, 5.0, n),
+            _fake_run("fetchpool-curl", *curl_backend, n),
+            _fake_run("hand-pool", 4.0, 4.0, n),
+            _fake_run("curl", 0.5, 0.2, n),
+        ]
+    cpu_bound.skipped["wget2"] = "wget2 not installed"
+    cpu_bound.ideal = {"kind": "write floor", "seconds": 0.25}
+    many_files = ScenarioResult.of(table["many-files"])
+    many_files.runs += [
+        _fake_run("fetchpool", 10.0, 8.0, many_files.n),
+        _fake_run("hand-pool", 9.0, 7.0, many_files.n),
+    ]
+    many_files.skipped["fetchpool-curl"] = "pycurl not installed"
+
+    report = markdown([cpu_bound, many_files], _FAKE_MACHINE, 2)
+    cpu_section, many_section = report.split("### ")[1:3]
+    assert (
+        "fetchpool / hand-pool = 1.000 (CPU time: 1.250); "
+        "median of the per-round ratios: 1.000 (1.000, 1.000)." in cpu_section
+    )
+    assert (
+        "fetchpool-curl / fetchpool = 0.375 (CPU time: 0.100); "
+        "median of the per-round ratios: 0.375 (0.250, 0.500)." in cpu_section
+    )
+    assert (
+        "fetchpool-curl / curl = 3.000 (CPU time: 2.500); "
+        "median of the per-round ratios: 3.000 (2.000, 4.000)." in cpu_section
+    )
+    assert "fetchpool-curl / wget2: n/a (wget2 skipped: wget2 not installed)." in cpu_section
+    assert (
+        "CPU µs per file (median CPU s / 2,000 files; tools: the whole process): "
+        "fetchpool-curl 250, fetchpool 2,500, curl 100, hand-pool 2,000." in cpu_section
+    )
+    assert "| fetchpool-curl | 1.500 | 0.500 | 2 | 2000/2000 |" in cpu_section
+    # The curl backend skipped: a note, no ratio; CPU per file only where CPU-bound.
+    assert "skipped: fetchpool-curl: pycurl not installed." in many_section
+    assert "fetchpool-curl /" not in many_section
+    assert "fetchpool / hand-pool = 1.111" in many_section
+    assert "CPU µs per file" not in many_section
+    assert "- `fetchpool-curl`: fetchpool.download_all(urls, dest, workers=N, backend='curl')" in (
+        report
+    )
+
+    # What the report says comes from the JSON alone.
+    again = [ScenarioResult.from_json(r.to_json()) for r in (cpu_bound, many_files)]
+    assert markdown(again, _FAKE_MACHINE, 2) == report
+
+
+def test_peak_rss_report_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks.harness import ScenarioResult
+    from benchmarks.report import scenario_markdown
+    from benchmarks.scenarios import scenarios
+
+    result = ScenarioResult.of(scenarios(quick=True)["peak-rss"])
+    mib = 1024
+    result.runs += [
+        _fake_run("fetchpool (big file)", 0.5, 0.1, 1, 32 * mib),
+        _fake_run("fetchpool-curl (big file)", 0.4, 0.1, 1, 70 * mib),
+        _fake_run("fetchpool map() x 200", 0.2, 0.1, 200, 33 * mib),
+        _fake_run("fetchpool-curl map() x 200", 0.1, 0.1, 200, 30 * mib),
+        _fake_run("fetchpool map() x 2,000", 2.0, 1.0, 2000, 34 * mib),
+        _fake_run("fetchpool-curl map() x 2,000", 1.0, 0.5, 2000, 30 * mib),
+    ]
+    text = scenario_markdown(result)
+    assert "\nbig file: max peak RSS 32.0 MiB (target <= 64): met.\n" in text
+    assert "\nfetchpool-curl big file: max peak RSS 70.0 MiB (target <= 64): missed.\n" in text
+    assert (
+        "\nmap(): peak RSS 33.0 MiB at 200 URLs, 34.0 MiB at 2,000 URLs (+1.0 MiB); "
+        "2,000 URLs took 2.0 s.\n" in text
+    )
+    assert (
+        "\nfetchpool-curl map(): peak RSS 30.0 MiB at 200 URLs, 30.0 MiB at 2,000 URLs "
+        "(+0.0 MiB); 2,000 URLs took 1.0 s.\n" in text
+    )
+
+    skipped = ScenarioResult.of(scenarios(quick=True)["peak-rss"])
+    skipped.runs += [r for r in result.runs if not r.contestant.startswith("fetchpool-curl")]
+    skipped.skipped["fetchpool-curl"] = "pycurl not installed"
+    text = scenario_markdown(skipped)
+    assert "skipped: fetchpool-curl: pycurl not installed." in text
+    assert "fetchpool-curl" not in text.replace("skipped: fetchpool-curl", "")
