@@ -237,7 +237,7 @@ class _Slot:
         easy.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         easy.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
         # Wait for a connection that can multiplex rather than open a new one.
-        easy.setopt(pycurl.PIPEWAIT, 1)
+        easy.setopt(pycurl.PIPEWAIT, int(os.environ.get("FP_PIPEWAIT", "1")))
         easy.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
         easy.setopt(pycurl.PATH_AS_IS, 1)
         easy.setopt(_OPT_SUPPRESS_CONNECT_HEADERS, 1)
@@ -587,13 +587,15 @@ class CurlTransport:
             self._collect()
 
     def _drain_wake(self) -> None:
-        with self._lock:
-            self._woken = False
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        # Only now: a post between the read and this sees no wake owed, and its command
+        # is run all the same, at the top of the loop, before the next wait.
+        with self._lock:
+            self._woken = False
 
     def _do_commands(self) -> None:
         while True:
