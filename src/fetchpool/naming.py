@@ -79,6 +79,8 @@ def validate_url(url: object) -> str:
 
 def redact_url(url: str) -> str:
     """Return ``url`` without user-info (``user:pass@``), for messages and logs."""
+    if "@" not in url:
+        return url  # no user-info anywhere: the common case, without parsing
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -134,6 +136,8 @@ def scrub(text: str, secrets: tuple[str, ...]) -> str:
 
 def origin_url(url: str) -> str:
     """Return the URL recorded as a file's origin: user-info and fragment removed."""
+    if "@" not in url and "#" not in url:
+        return url
     parts = urlsplit(redact_url(url))
     return urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
 
