@@ -69,6 +69,8 @@ _TLS_DROPPED_WORDS = ("SSL_ERROR_SYSCALL", "unexpected eof", "reset by peer", "C
 
 #: The bytes a transfer may hold for its worker before libcurl is asked to pause it.
 _HIGH_WATER = 1024 * 1024
+#: In sink mode, how many bytes the loop writes between two counts by the worker.
+_SINK_REPORT = 1024 * 1024
 #: The size of libcurl's receive buffer: the most one write callback delivers.
 _BUFFER_SIZE = 256 * 1024
 _PROXY_CACHE_HOSTS = 256
@@ -188,6 +190,12 @@ class _Transfer:
         self.paused = False
         self.waiting = False
         self.closed = False
+        # Sink mode (see CurlReply.splice): the loop writes the body straight into
+        # ``sink``; ``sunk`` counts what it wrote, ``sink_error`` keeps what it raised.
+        self.sink: SpliceSink | None = None
+        self.sunk = 0
+        self.reported = 0
+        self.sink_error: BaseException | None = None
         # Loop thread only: when the transfer last saw a byte, and how long it may idle.
         self.read_timeout = read_timeout
         self.active = start
@@ -229,6 +237,7 @@ class _Slot:
         self.transfer: _Transfer | None = None
         self.proxy: str | None = None
         self.connect_ms = -1
+        self.pipewait = 0
         easy = pycurl.Curl()
         self.easy = easy
         easy.setopt(pycurl.NOSIGNAL, 1)
@@ -236,8 +245,6 @@ class _Slot:
         easy.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         easy.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
         easy.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
-        # Wait for a connection that can multiplex rather than open a new one.
-        easy.setopt(pycurl.PIPEWAIT, int(os.environ.get("FP_PIPEWAIT", "1")))
         easy.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
         easy.setopt(pycurl.PATH_AS_IS, 1)
         easy.setopt(_OPT_SUPPRESS_CONNECT_HEADERS, 1)
@@ -299,14 +306,33 @@ class _Slot:
             return 0
         t.active = time.monotonic()
         with t.cond:
-            if t.buffered >= _HIGH_WATER:
-                # libcurl hands the same bytes again once unpaused.
-                t.paused = True
-                return pycurl.WRITEFUNC_PAUSE  # type: ignore[no-any-return]
-            t.chunks.append(data)
-            t.buffered += len(data)
-            if t.waiting:
+            sink = t.sink
+            if sink is None:
+                return self._buffer(t, data)
+        # Sink mode: written here, on the loop thread, so that a big body costs no
+        # hand-off per block. Only this thread writes to the sink from now on.
+        try:
+            sink.write(data)
+        except Exception as exc:  # noqa: BLE001 - StorageError above all: the worker raises it
+            t.sink_error = exc
+            return 0  # ends the transfer
+        with t.cond:
+            t.sunk += len(data)
+            if t.waiting and t.sunk - t.reported >= _SINK_REPORT:
                 t.cond.notify()
+        return None
+
+    @staticmethod
+    def _buffer(t: _Transfer, data: bytes) -> int | None:
+        """Keep ``data`` for the worker (``t.cond`` held), or pause when it is behind."""
+        if t.buffered >= _HIGH_WATER:
+            # libcurl hands the same bytes again once unpaused.
+            t.paused = True
+            return pycurl.WRITEFUNC_PAUSE  # type: ignore[no-any-return]
+        t.chunks.append(data)
+        t.buffered += len(data)
+        if t.waiting:
+            t.cond.notify()
         return None
 
 
@@ -350,8 +376,53 @@ class CurlReply:
             return
 
     def splice(self, sink: SpliceSink, length: int, moved: Callable[[int], None]) -> bool:
-        """Not offered: the body reaches Python through libcurl's write callback."""
-        return False
+        """Have the loop thread write the rest of the body into ``sink`` as it arrives.
+
+        What is buffered for this worker goes first; then libcurl's write callback
+        writes each block itself, and this thread only counts (``moved``, about every
+        :data:`_SINK_REPORT` bytes, so progress events stay on the worker's thread).
+        """
+        t = self._t
+        with t.cond:
+            # Under the lock, so that no block lands between what is buffered and the
+            # first one the loop writes: the file gets the body in order.
+            flushed = 0
+            while t.chunks:
+                data = t.chunks.popleft()
+                sink.write(data)
+                flushed += len(data)
+            t.buffered = 0
+            resume, t.paused = t.paused, False
+            t.reported = 0
+            t.sink = sink
+        if flushed:
+            moved(flushed)
+            length -= flushed
+        if resume:
+            self._transport.post("resume", self._slot, t)
+        counted = 0
+        while True:
+            with t.cond:
+                while not t.done and t.sunk - counted < _SINK_REPORT:
+                    t.waiting = True
+                    t.cond.wait(0.5)
+                    t.waiting = False
+                    if not t.done:
+                        check_guard(t.guard, t.request.shown)
+                sunk, done = t.sunk, t.done
+                t.reported = sunk
+            if sunk > counted:
+                moved(sunk - counted)
+                counted = sunk
+            if done:
+                break
+        if t.sink_error is not None:
+            raise t.sink_error
+        if t.code:
+            raise t.error("while reading") from t.cause()
+        if counted < length:
+            raise BodyEnded
+        return True
 
     def close(self) -> None:
         """End the transfer if it is still running, and give its handle back."""
@@ -469,6 +540,12 @@ class CurlTransport:
         if connect_ms != slot.connect_ms:
             easy.setopt(pycurl.CONNECTTIMEOUT_MS, connect_ms)
             slot.connect_ms = connect_ms
+        pipewait = int(request.url[:6].lower() == "https:")
+        if pipewait != slot.pipewait:
+            # Over TLS, wait for a connection that can multiplex (HTTP/2) rather than open
+            # another one; plain http is HTTP/1.1 here, where waiting only costs time.
+            easy.setopt(pycurl.PIPEWAIT, pipewait)
+            slot.pipewait = pipewait
         proxy = self._proxy_for(request.url)
         if proxy != slot.proxy:
             # "" switches libcurl's own reading of the environment off, too.
@@ -652,9 +729,16 @@ class CurlTransport:
         ):
             # Our own header callback ended a non-2xx answer: the headers are all in.
             code, message = 0, ""
+        failure: Failure | None = None
+        if code == _E_WEIRD_SERVER_REPLY and easy.getinfo(pycurl.NUM_CONNECTS) == 0:
+            # Garbage where a status line belongs, on a connection kept from an earlier
+            # answer (one that sent more than its Content-Length): the connection is bad,
+            # not the server's answer, and a fresh connection heals it, as it does where
+            # urllib3 drops such a connection before reuse.
+            failure = "connection"
         self._multi.remove_handle(easy)
         if t is not None:
-            t.finish(code, message)
+            t.finish(code, message, failure)
 
     def _check_idle(self, now: float) -> float:
         """End transfers that saw no byte for their read timeout; return the next check."""
