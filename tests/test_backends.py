@@ -103,3 +103,23 @@ def test_cli_curl_without_pycurl_is_a_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert 'pip install "fetchpool[curl]"' in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("bypass", [False, True])
+def test_proxy_from_the_environment_as_requests_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bypass: bool
+) -> None:
+    # Two loopback servers: one stands in for the proxy (an absolute-URI GET is routed by
+    # its path), the other is the target. no_proxy decides which of them is asked.
+    with ImageServer(n_images=1) as proxy, ImageServer(n_images=1) as target:
+        for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("http_proxy", proxy.url(""))
+        if bypass:
+            monkeypatch.setenv("no_proxy", "127.0.0.1")
+        url = target.url("/any/proxied.png")
+        (result,) = download_all([url], tmp_path)
+        assert result.ok, result.error
+        via_proxy, direct = proxy.hits("/any/proxied.png"), target.hits("/any/proxied.png")
+    assert (via_proxy, direct) == ((0, 1) if bypass else (1, 0))
