@@ -89,7 +89,7 @@ def open_response(
     # Credentials in the URL travel as an Authorization header that is dropped on a
     # cross-origin hop, and the URL itself then holds no secret to leak.
     current, auth = split_userinfo(url)
-    first_origin = _origin(current)
+    first_origin: tuple[str, str, int | None] | None = None  # parsed at the first redirect
     seen = {current}
     cross_origin = False
     for hop in range(MAX_REDIRECTS + 1):
@@ -144,6 +144,8 @@ def open_response(
         if target in seen:
             raise RedirectError(f"redirect loop for {shown}", url=shown)
         seen.add(target)
+        if first_origin is None:
+            first_origin = _origin(split_userinfo(url)[0])
         if target_origin != first_origin:
             cross_origin = True
         log.debug("redirect %d for %s -> %s", status, shown, redact_url(target))
