@@ -275,6 +275,12 @@ class Body:
             )
 
     def _truncated(self) -> TransferError:
+        if self.length is None:  # chunked: the connection closed before the last chunk
+            return TransferError(
+                f"truncated body from {self.shown}: the connection closed after "
+                f"{self.received} bytes, before the end of the body",
+                url=self.shown,
+            )
         return TransferError(
             f"truncated body from {self.shown}: {self.received} of {self.length} bytes",
             url=self.shown,

@@ -51,7 +51,10 @@ log = logging.getLogger("fetchpool")
 _E_WEIRD_SERVER_REPLY = 8
 _OPT_SUPPRESS_CONNECT_HEADERS = 265
 
-_INVALID_URL = frozenset({pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT})
+# The URL was checked before it got here: only libcurl's parser can still refuse it.
+# (E_UNSUPPORTED_PROTOCOL comes from answers, "HTTP/0.9", a bad version: connection.)
+_INVALID_URL = frozenset({pycurl.E_URL_MALFORMAT})
+_STATUS_LINE = re.compile(r"HTTP/\d(?:\.\d)? +\d{3}(?: |$)")
 _TLS_REFUSED = frozenset(
     {
         pycurl.E_PEER_FAILED_VERIFICATION,
@@ -188,6 +191,7 @@ class _Transfer:
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.paused = False
+        self.resuming = False  # a "resume" is on its way to the loop
         self.waiting = False
         self.closed = False
         # Sink mode (see CurlReply.splice): the loop writes the body straight into
@@ -248,6 +252,9 @@ class _Slot:
         easy.setopt(pycurl.HTTP_CONTENT_DECODING, 0)
         easy.setopt(pycurl.PATH_AS_IS, 1)
         easy.setopt(_OPT_SUPPRESS_CONNECT_HEADERS, 1)
+        # The proxy is chosen per URL above libcurl (as requests chooses it): an explicit
+        # empty no-proxy list keeps libcurl from applying no_proxy a second time, its way.
+        easy.setopt(pycurl.NOPROXY, "")
         easy.setopt(pycurl.BUFFERSIZE, _BUFFER_SIZE)
         easy.setopt(pycurl.USERAGENT, transport.user_agent)
         easy.setopt(pycurl.SSL_VERIFYPEER, 1)
@@ -277,7 +284,7 @@ class _Slot:
             return 0
         t.active = time.monotonic()
         text = line.decode("latin-1").rstrip("\r\n")
-        if text.startswith("HTTP/"):
+        if _STATUS_LINE.match(text):
             # A new response (after a 1xx, or the first): start its headers afresh.
             parts = text.split(" ", 2)
             with t.cond:
@@ -302,21 +309,23 @@ class _Slot:
 
     def on_write(self, data: bytes) -> int | None:
         t = self.transfer
-        if t is None or t.closed:
+        if t is None:
             return 0
         t.active = time.monotonic()
         with t.cond:
             sink = t.sink
             if sink is None:
+                if t.closed:  # the worker is done with it (and may have dropped its file)
+                    return 0
                 return self._buffer(t, data)
-        # Sink mode: written here, on the loop thread, so that a big body costs no
-        # hand-off per block. Only this thread writes to the sink from now on.
-        try:
-            sink.write(data)
-        except Exception as exc:  # noqa: BLE001 - StorageError above all: the worker raises it
-            t.sink_error = exc
-            return 0  # ends the transfer
-        with t.cond:
+            # Sink mode: written here, on the loop thread, so that a big body costs no
+            # hand-off per block; under the lock, so that the worker, leaving splice(),
+            # can take the sink back knowing no write is half done.
+            try:
+                sink.write(data)
+            except Exception as exc:  # noqa: BLE001 - StorageError above all: the worker raises it
+                t.sink_error = exc
+                return 0  # ends the transfer
             t.sunk += len(data)
             if t.waiting and t.sunk - t.reported >= _SINK_REPORT:
                 t.cond.notify()
@@ -361,9 +370,9 @@ class CurlReply:
                 if t.chunks:
                     data = t.chunks.popleft()
                     t.buffered -= len(data)
-                    resume = t.paused and t.buffered < _HIGH_WATER // 2
-                    if resume:
-                        t.paused = False
+                    # Still paused until the loop resumes it: not idle meanwhile.
+                    resume = t.paused and not t.resuming and t.buffered < _HIGH_WATER // 2
+                    t.resuming = t.resuming or resume
                 else:
                     data, resume = b"", False
             if resume:
@@ -392,9 +401,29 @@ class CurlReply:
                 sink.write(data)
                 flushed += len(data)
             t.buffered = 0
-            resume, t.paused = t.paused, False
+            resume = t.paused and not t.resuming
+            t.resuming = t.resuming or resume
             t.reported = 0
             t.sink = sink
+        try:
+            return self._sunk(sink, length, moved, flushed, resume)
+        finally:
+            with t.cond:
+                # However this ends, the loop writes no more: the pipeline may discard
+                # the file (and its descriptor number be reused) right after.
+                t.sink = None
+                t.closed = t.closed or not t.done
+
+    def _sunk(
+        self,
+        sink: SpliceSink,
+        length: int,
+        moved: Callable[[int], None],
+        flushed: int,
+        resume: bool,
+    ) -> bool:
+        """The rest of :meth:`splice`, once the loop writes: count what it wrote."""
+        t = self._t
         if flushed:
             moved(flushed)
             length -= flushed
@@ -502,6 +531,8 @@ class CurlTransport:
         handle went on to another transfer is then dropped.
         """
         with self._lock:
+            if self._closed:
+                return  # no loop runs any more, and the wake-up pipe is gone
             self._commands.append((what, slot, transfer))
             if self._thread is None and not self._stopping:
                 self._thread = threading.Thread(
@@ -518,6 +549,11 @@ class CurlTransport:
 
     def send(self, request: Request, guard: Guard) -> CurlReply:
         """Send one GET, redirects not followed; see :class:`fetchpool.backends.Transport`."""
+        check_guard(guard, request.shown, "requesting")
+        if self._closed:
+            raise attempt_error(
+                "connection", request.shown, "requesting", "the transport is closed", guard
+            )
         if self._failed is not None:
             raise FetchError(f"the curl loop failed: {self._failed!r}", url=request.shown)
         connect, read = request.timeout
@@ -556,7 +592,7 @@ class CurlTransport:
         slot.transfer = t
         guard.on_fire(lambda: self.post("abort", slot, t))
         self.post("add", slot, t)
-        if not t.wait_headers(lambda: self._failed is not None):
+        if not t.wait_headers(lambda: self._failed is not None or self._closed):
             self.post("close", slot, t)
             if t.done and t.code:
                 error = t.error("requesting")
@@ -684,13 +720,25 @@ class CurlTransport:
                 continue  # about a transfer that is over: the handle has moved on
             running = id(slot.easy) in self._running
             if what == "add":
-                if not t.done and not t.closed:
+                if t.guard.fired:
+                    # Cancelled or past its deadline before it could start.
+                    t.finish(pycurl.E_ABORTED_BY_CALLBACK, "stopped", "timeout")
+                elif not t.done and not t.closed:
                     self._running[id(slot.easy)] = slot
                     self._multi.add_handle(slot.easy)
             elif what == "resume":
+                with t.cond:
+                    t.paused = t.resuming = False
                 if running and not t.closed:
+                    # Held back by us until now, not idle: the read timeout starts again.
                     t.active = time.monotonic()
-                    slot.easy.pause(pycurl.PAUSE_CONT)
+                    try:
+                        slot.easy.pause(pycurl.PAUSE_CONT)
+                    except pycurl.error as exc:
+                        # Delivering what was held back failed (its callback refused it,
+                        # the connection broke): that transfer ends, not the loop.
+                        code, message = exc.args if len(exc.args) == 2 else (-1, str(exc))
+                        self._remove(slot, (int(code), str(message)), None)
             elif what == "abort":
                 if running:
                     self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "stopped"), "timeout")
