@@ -53,13 +53,21 @@ def main(config_path: str) -> int:
                 print("timed out waiting for the go file", file=sys.stderr)
                 return 3
             threading.Event().wait(0.005)
+    started = time.time()
     try:
-        results = download_all(config["urls"], config["dest"], workers=int(config["workers"]))
+        results = download_all(
+            config["urls"],
+            config["dest"],
+            workers=int(config["workers"]),
+            backend=config.get("backend", "requests"),
+        )
     except KeyboardInterrupt:
         if out:
             _write_json(out, {"interrupted": True})
         raise
     if out:
+        # When the batch ran, in wall-clock time that other processes can compare.
+        _write_json(out + ".span", [started, time.time()])
         _write_json(
             out,
             [
