@@ -14,13 +14,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from .backends import open_transport
+from .backends import Transport, open_transport
 from .deadline import Watchdog
 from .errors import FetchError
 from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
 from .results import DownloadResult
+from .storage import Pins
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -101,9 +102,10 @@ class Downloader:
         except BaseException:
             self._transport.close()
             raise
-        # Lock files stay open while this Downloader lives; also released if it is
-        # dropped without close(), at the latest when the interpreter exits.
-        weakref.finalize(self, self._pipeline.pins.release)
+        # Lock files stay open while this Downloader lives. Dropped without close(), it
+        # still gives back its lock files, connections and threads (pending work keeps
+        # it alive: its futures' callbacks hold it), at the latest at interpreter exit.
+        weakref.finalize(self, _release, self._pipeline.pins, self._transport, self._watchdog)
         self._closed = False
         self._closing = False
         self._cancelled_urls: deque[str] = deque()
@@ -225,6 +227,13 @@ class Downloader:
         tb: TracebackType | None,
     ) -> None:
         self.close(cancel=exc_type is not None)
+
+
+def _release(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:
+    """What a Downloader dropped without ``close()`` still owes (its finalizer)."""
+    pins.release()
+    transport.close()
+    watchdog.stop()
 
 
 def _shown_input(url: object) -> str:

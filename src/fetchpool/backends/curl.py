@@ -485,6 +485,7 @@ class CurlTransport:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
+        self._releaser: threading.Thread | None = None
         self._failed: BaseException | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._woken = False
@@ -619,7 +620,16 @@ class CurlTransport:
                 os.write(self._wake_w, b"\0")
             except OSError:
                 pass
+            if thread is threading.current_thread():
+                self._releaser = thread
+                # A finalizer run by the garbage collector on the loop thread itself: the
+                # loop ends when this returns, and closes what it owns on its way out.
+                return
             thread.join()
+        self._release()
+
+    def _release(self) -> None:
+        """Close the handles, the multi, the selector and the wake-up pipe."""
         for slot in self._slots:
             slot.easy.close()
         self._slots.clear()
@@ -654,6 +664,13 @@ class CurlTransport:
     def _run(self) -> None:
         try:
             self._loop()
+            if threading.current_thread() is self._thread and self._closed:
+                with self._lock:
+                    # close() was called from this very thread (a finalizer) and did not
+                    # wait for it: the loop closes what it owned itself.
+                    orphaned = self._releaser is threading.current_thread()
+                if orphaned:
+                    self._release()
         except BaseException as exc:
             log.exception("the curl loop failed")
             self._failed = exc
@@ -683,21 +700,28 @@ class CurlTransport:
                 self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
                 self._collect()
             if now >= self._idle_check:
-                self._idle_check = self._check_idle(now)
+                # Take in what is there first: a slow write into a file (a sink) holds the
+                # whole loop, and the other transfers' bytes are waiting, not missing.
+                self._turn(0.0)
+                self._idle_check = self._check_idle(time.monotonic())
             wait = self._idle_check - now
             if self._timer is not None:
                 wait = min(wait, self._timer - now)
-            for key, mask in self._selector.select(max(0.0, wait)):
-                if key.fd == self._wake_r:
-                    self._drain_wake()
-                    continue
-                flags = 0
-                if mask & selectors.EVENT_READ:
-                    flags |= pycurl.CSELECT_IN
-                if mask & selectors.EVENT_WRITE:
-                    flags |= pycurl.CSELECT_OUT
-                self._multi.socket_action(key.fd, flags)
-            self._collect()
+            self._turn(max(0.0, wait))
+
+    def _turn(self, wait: float) -> None:
+        """Wait up to ``wait`` seconds for sockets, and let libcurl act on them."""
+        for key, mask in self._selector.select(wait):
+            if key.fd == self._wake_r:
+                self._drain_wake()
+                continue
+            flags = 0
+            if mask & selectors.EVENT_READ:
+                flags |= pycurl.CSELECT_IN
+            if mask & selectors.EVENT_WRITE:
+                flags |= pycurl.CSELECT_OUT
+            self._multi.socket_action(key.fd, flags)
+        self._collect()
 
     def _drain_wake(self) -> None:
         try:
