@@ -148,6 +148,11 @@ class Watchdog:
 
     def stop(self) -> None:
         """Stop and join the thread."""
+        if threading.current_thread() is self._thread:
+            # Called on the watchdog's own thread (a finalizer the garbage collector ran
+            # there), maybe with the lock held: flag it, the loop sees it when it wakes.
+            self._stopping = True
+            return
         with self.lock:
             self._stopping = True
             thread = self._thread

@@ -151,6 +151,13 @@ def _without_dot_segments(url: str) -> str:
     return parts._replace(path=squashed).geturl()
 
 
+def _code_of(exc: pycurl.error) -> tuple[int, str]:
+    """libcurl's code and message in a ``pycurl.error``."""
+    if len(exc.args) == 2 and isinstance(exc.args[0], int):
+        return exc.args[0], str(exc.args[1])
+    return -1, str(exc)
+
+
 def _basic_auth(user: str, password: str) -> str:
     def encode(text: str) -> bytes:
         # requests sends latin-1 where it can; beyond it, UTF-8 is what servers expect.
@@ -556,7 +563,8 @@ class CurlTransport:
                 "connection", request.shown, "requesting", "the transport is closed", guard
             )
         if self._failed is not None:
-            raise FetchError(f"the curl loop failed: {self._failed!r}", url=request.shown)
+            detail = f"the curl loop failed: {self._failed!r}"
+            raise attempt_error("connection", request.shown, "requesting", detail, guard)
         connect, read = request.timeout
         slot = self._slot()
         easy = slot.easy
@@ -642,21 +650,34 @@ class CurlTransport:
     # -- loop thread ---------------------------------------------------------------------
 
     def _on_socket(self, what: int, fd: int, multi: object, data: object) -> None:
-        if what == pycurl.POLL_REMOVE:
-            try:
-                self._selector.unregister(fd)
-            except (KeyError, ValueError):
-                pass
-            return
         events = 0
         if what & pycurl.POLL_IN:
             events |= selectors.EVENT_READ
         if what & pycurl.POLL_OUT:
             events |= selectors.EVENT_WRITE
+        # An exception here would escape socket_action() and end the loop: a socket the
+        # selector will not take is forgotten instead, and its transfer times out.
         try:
-            self._selector.modify(fd, events)
-        except KeyError:
-            self._selector.register(fd, events)
+            if what == pycurl.POLL_REMOVE or not events:
+                self._forget(fd)
+                return
+            try:
+                self._selector.modify(fd, events)
+            except KeyError:
+                self._selector.register(fd, events)
+        except (OSError, ValueError):
+            # A number the kernel reused behind the selector's back: start afresh.
+            self._forget(fd)
+            try:
+                self._selector.register(fd, events)
+            except (OSError, ValueError, KeyError):
+                log.debug("curl loop: cannot watch socket %d", fd, exc_info=True)
+
+    def _forget(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError, OSError):
+            pass
 
     def _on_timer(self, timeout_ms: int) -> None:
         self._timer = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
@@ -748,8 +769,12 @@ class CurlTransport:
                     # Cancelled or past its deadline before it could start.
                     t.finish(pycurl.E_ABORTED_BY_CALLBACK, "stopped", "timeout")
                 elif not t.done and not t.closed:
-                    self._running[id(slot.easy)] = slot
-                    self._multi.add_handle(slot.easy)
+                    try:
+                        self._multi.add_handle(slot.easy)
+                    except pycurl.error as exc:
+                        t.finish(*_code_of(exc), "connection")
+                    else:
+                        self._running[id(slot.easy)] = slot
             elif what == "resume":
                 with t.cond:
                     t.paused = t.resuming = False
@@ -761,8 +786,7 @@ class CurlTransport:
                     except pycurl.error as exc:
                         # Delivering what was held back failed (its callback refused it,
                         # the connection broke): that transfer ends, not the loop.
-                        code, message = exc.args if len(exc.args) == 2 else (-1, str(exc))
-                        self._remove(slot, (int(code), str(message)), None)
+                        self._remove(slot, _code_of(exc), None)
             elif what == "abort":
                 if running:
                     self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "stopped"), "timeout")
@@ -773,7 +797,10 @@ class CurlTransport:
 
     def _remove(self, slot: _Slot, result: tuple[int, str], failure: Failure | None) -> None:
         del self._running[id(slot.easy)]
-        self._multi.remove_handle(slot.easy)
+        try:
+            self._multi.remove_handle(slot.easy)
+        except pycurl.error:
+            log.debug("curl loop: removing a handle failed", exc_info=True)
         t = slot.transfer
         if t is not None and not t.done:
             t.finish(result[0], result[1], failure)
@@ -808,7 +835,10 @@ class CurlTransport:
             # not the server's answer, and a fresh connection heals it, as it does where
             # urllib3 drops such a connection before reuse.
             failure = "connection"
-        self._multi.remove_handle(easy)
+        try:
+            self._multi.remove_handle(easy)
+        except pycurl.error:
+            log.debug("curl loop: removing a finished handle failed", exc_info=True)
         if t is not None:
             t.finish(code, message, failure)
 
