@@ -74,7 +74,7 @@ _TLS_DROPPED_WORDS = ("SSL_ERROR_SYSCALL", "unexpected eof", "reset by peer", "C
 _HIGH_WATER = 1024 * 1024
 #: In sink mode, how many bytes the loop writes between two counts by the worker.
 _SINK_REPORT = 1024 * 1024
-#: The size of libcurl's receive buffer: the most one write callback delivers.
+#: libcurl's receive buffer (its write callbacks get at most 16 KiB all the same).
 _BUFFER_SIZE = 256 * 1024
 _PROXY_CACHE_HOSTS = 256
 
@@ -497,7 +497,10 @@ class CurlTransport:
         self._closed = False
         self._releaser: threading.Thread | None = None
         self._failed: BaseException | None = None
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # os.pipe() is close-on-exec already; pipe2() would be Linux only.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._woken = False
         self._multi = pycurl.CurlMulti()
         self._multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
