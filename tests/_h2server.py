@@ -6,6 +6,7 @@
 
     /img/<name>.png             200, a deterministic PNG (see expected()), image/png
     /redirect-http/<name>       302 to http://127.0.0.1:PORT/img/<name>.png (a downgrade)
+    /big/<size>.png             200, ``big_body(size)``, sent in 256 KiB DATA blocks
 
 Anything else answers 404. The server counts what the tests want to check:
 :attr:`~H2ImageServer.connections` (TCP connections accepted, those whose TLS
@@ -247,6 +248,9 @@ class H2ImageServer:
         elif path.startswith("/img/") and path.endswith(".png") and len(path) > 9:
             body = self.expected(path[len("/img/") : -len(".png")])
             await _respond(send, 200, body, [(b"content-type", b"image/png")], head_only)
+        elif path.startswith("/big/") and path.endswith(".png") and path[5:-4].isdigit():
+            size = int(path[5:-4])
+            await _respond_in_blocks(send, big_body(size), head_only)
         elif path.startswith("/redirect-http/") and len(path) > len("/redirect-http/"):
             name = path[len("/redirect-http/") :]
             location = f"http://{_HOST}:{self.port}/img/{name}.png".encode()
@@ -324,3 +328,27 @@ async def _respond(
         headers.append((b"content-type", b"text/plain; charset=utf-8"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head_only else body})
+
+
+def big_body(size: int) -> bytes:
+    """A PNG-looking body of ``size`` bytes (``size`` >= 8), the same for every call."""
+    pattern = bytes(range(251)) * (size // 251 + 1)
+    return (b"\x89PNG\r\n\x1a\n" + pattern)[:size]
+
+
+async def _respond_in_blocks(send: Send, body: bytes, head_only: bool) -> None:
+    headers = [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if head_only:
+        await send({"type": "http.response.body", "body": b""})
+        return
+    block = 256 * 1024
+    for start in range(0, len(body), block):
+        last = start + block >= len(body)
+        await send(
+            {
+                "type": "http.response.body",
+                "body": body[start : start + block],
+                "more_body": not last,
+            }
+        )

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from _h2server import H2ImageServer
+from _h2server import H2ImageServer, big_body
 from fetchpool import RedirectError, TransferError, download_all
 from fetchpool.options import Backend
 
@@ -180,3 +180,18 @@ def test_https_to_http_redirect_is_refused(
     assert isinstance(result.error, RedirectError), result.error
     assert trusted.paths == ["/redirect-http/x"]
     assert list(dest.iterdir()) == []
+
+
+def test_big_bodies_multiplexed_are_byte_exact(trusted: H2ImageServer, dest: Path) -> None:
+    # Big bodies on HTTP/2 go through the curl backend's pausing buffer and its sink mode
+    # (the loop writes them to the file), several streams at once on one connection.
+    need("curl")
+    sizes = [3 * 1024 * 1024 + 17, 5 * 1024 * 1024, 2 * 1024 * 1024 + 1]
+    urls = [trusted.url(f"/big/{size}.png") for size in sizes]
+    results = download_all(urls, dest, workers=3, backend="curl")
+    for size, result in zip(sizes, results, strict=True):
+        assert result.ok, result.error
+        assert result.path is not None
+        assert result.path.read_bytes() == big_body(size)
+    assert trusted.connections == 1
+    assert set(trusted.http_versions) == {"2"}
