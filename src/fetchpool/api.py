@@ -38,13 +38,15 @@ def download_all(
         **options: the keyword options of :class:`Downloader` (``retry``, ``timeout``,
             ``deadline``, ``max_bytes``, ``overwrite``, ``content_disposition``,
             ``allow_downgrade``, ``fsync``, ``verify``, ``headers``,
-            ``session_factory``, ``progress``).
+            ``session_factory``, ``progress``, ``backend``).
 
     Returns:
         :class:`Results`, one entry per input item, in input order.
 
     Raises:
-        TypeError: ``urls`` is a single string, or an option has the wrong type.
+        TypeError: ``urls`` is a single string, or an option is unknown or has the
+            wrong type.
+        ImportError: ``backend="curl"`` without pycurl.
         ValueError: ``workers < 1`` or an option is out of range.
         NotADirectoryError: ``dest`` is an existing file.
     """
