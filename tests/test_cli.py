@@ -312,7 +312,10 @@ def test_a_line_that_is_not_utf8_is_a_failed_result(server: ImageServer, tmp_pat
 
 
 def test_crlf_bom_csv_quoting_and_over_long_lines(
-    server: ImageServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: ImageServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b, c, d, e, f = (server.url(f"/any/{n}.png") for n in "abcdef")
     long_line = "http://x.test/" + "a" * MAX_LINE
@@ -327,8 +330,10 @@ def test_crlf_bom_csv_quoting_and_over_long_lines(
     (tmp_path / "in.jsonl").write_bytes(f'{{"url": "{long_line}"}}\n{{"url": "{f}"}}'.encode())
     report = tmp_path / "r.jsonl"
     args = ["-d", str(tmp_path / "out"), "--report", str(report), "-i", "urls.txt"]
-    with contextlib.chdir(tmp_path):
-        status = main([*args, "-i", "in.csv", "-i", "in.jsonl", "http://x.test/\udcff.png"])
+    # monkeypatch.chdir, not contextlib.chdir: that one is Python 3.11+.
+    monkeypatch.chdir(tmp_path)
+    status = main([*args, "-i", "in.csv", "-i", "in.jsonl", "http://x.test/\udcff.png"])
+    monkeypatch.undo()
 
     assert status == 1, capsys.readouterr().err
     got = {r["source"]: r for r in read_report(report)}
