@@ -461,12 +461,7 @@ def run_peak_rss(
                 run = run_one(name, scenario, server, [url], {basename(url): sha})
                 run.contestant = f"{name} (big file)"
                 result.runs.append(run)
-                print(
-                    f"  {name} big file: {run.seconds:.2f} s, "
-                    f"peak RSS {run.peak_rss_kib / 1024:.1f} MiB"
-                    + (f"  [{run.error[:200]}]" if run.error else ""),
-                    file=log,
-                )
+                _log_rss_run(log, f"{name} big file: {run.seconds:.2f} s", run)
         ext = server.manifest["collections"]["small"][0][0]
         for count in scenario.map_counts:
             entries = server.urls("small", count)
@@ -489,13 +484,15 @@ def run_peak_rss(
                 )
                 run.contestant = f"{name} map() x {count:,}"
                 result.runs.append(run)
-                print(
-                    f"  {name} map() over {count}: {run.seconds:.1f} s, "
-                    f"{run.files_ok}/{run.n} ok, peak RSS {run.peak_rss_kib / 1024:.1f} MiB"
-                    + (f"  [{run.error[:200]}]" if run.error else ""),
-                    file=log,
-                )
+                what = f"{name} map() over {count}: {run.seconds:.1f} s, {run.files_ok}/{run.n} ok"
+                _log_rss_run(log, what, run)
     return result
+
+
+def _log_rss_run(log: IO[str], what: str, run: Run) -> None:
+    """One progress line of the peak-RSS scenario: what ran, its peak RSS, its error."""
+    error = f"  [{run.error[:200]}]" if run.error else ""
+    print(f"  {what}, peak RSS {run.peak_rss_kib / 1024:.1f} MiB{error}", file=log)
 
 
 def known_contestants() -> tuple[str, ...]:

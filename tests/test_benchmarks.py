@@ -20,29 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quick_cpu_bound_writes_markdown_and_json(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--scenario",
-            "cpu-bound",
-            "--repeat",
-            "1",
-            "--contestants",
-            "fetchpool,hand-pool",
-            "--no-profile",
-            "--no-chart",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _quick_run("fetchpool,hand-pool", out)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "results.json").read_text())
     assert {"cpu", "cores", "python", "kernel"} <= set(data["machine"])
