@@ -80,8 +80,14 @@ def drip_proxy() -> Iterator[str]:
 
 @pytest.mark.parametrize("own_session", [False, True])
 def test_deadline_holds_through_a_proxy(
-    drip_proxy: str, dest: Path, monkeypatch: pytest.MonkeyPatch, own_session: bool
+    drip_proxy: str,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    own_session: bool,
+    each_backend: str,
 ) -> None:
+    if own_session and each_backend != "requests":
+        pytest.skip("session_factory is the requests backend's")
     monkeypatch.setenv("HTTP_PROXY", drip_proxy)
     monkeypatch.setenv("http_proxy", drip_proxy)
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -198,6 +204,7 @@ def test_failed_downloads_release_their_names(rs: responses.RequestsMock, dest: 
     assert held == 0
 
 
+@pytest.mark.usefixtures("each_backend")
 def test_cancelled_downloads_get_a_final_event(dest: Path) -> None:
     events: list[ProgressEvent] = []
     lock = threading.Lock()
@@ -243,6 +250,7 @@ def test_secret_headers_do_not_follow_cross_origin_redirects(
     assert second["X-Plain"] == "1"
 
 
+@pytest.mark.usefixtures("each_backend")
 def test_budget_cut_is_named_as_such(dest: Path) -> None:
     with ImageServer(n_images=8) as server:
         (r,) = download_all(
@@ -268,6 +276,7 @@ def test_waiting_for_another_writer_is_bounded(rs: responses.RequestsMock, dest:
     assert listing(dest) == []
 
 
+@pytest.mark.usefixtures("each_backend")
 def test_the_budget_counts_the_wait_for_the_lock(dest: Path) -> None:
     with ImageServer(n_images=8) as server:
         url = server.url("/slow/late.png?delay=2")
@@ -285,6 +294,7 @@ def test_the_budget_counts_the_wait_for_the_lock(dest: Path) -> None:
     assert elapsed < 1.6, elapsed
 
 
+@pytest.mark.usefixtures("each_backend")
 def test_close_does_not_deadlock_with_a_callback_that_submits(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
