@@ -129,6 +129,8 @@ def _without_dot_segments(url: str) -> str:
     libcurl would do it too, but it also takes ``%2e%2e`` for ``..``; it is told to send
     the path as it is, so that both backends ask for the same resource.
     """
+    if "/." not in url:
+        return url  # nearly every URL: no parsing
     parts = urlsplit(url)
     path = parts.path
     if "/." not in path:
@@ -491,7 +493,7 @@ class CurlTransport:
         self._free: list[_Slot] = []
         self._slots: list[_Slot] = []
         self._commands: deque[tuple[str, _Slot, _Transfer]] = deque()
-        self._proxies: dict[tuple[str, str], str] = {}
+        self._proxies: dict[str, str] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
@@ -517,8 +519,9 @@ class CurlTransport:
     # -- worker side ---------------------------------------------------------------------
 
     def _proxy_for(self, url: str) -> str:
-        parts = urlsplit(url)
-        key = (parts.scheme.lower(), parts.netloc.lower())
+        # Keyed by what precedes the path ("http://host:port"): no parsing per request.
+        end = url.find("/", url.find("//") + 2)
+        key = (url if end < 0 else url[:end]).lower()
         with self._lock:
             proxy = self._proxies.get(key)
         if proxy is None:
