@@ -744,9 +744,11 @@ class CurlTransport:
                 self._pay_wakes()
             if now >= self._idle_check:
                 # Take in what is there first: a slow write into a file (a sink) holds the
-                # whole loop, and the other transfers' bytes are waiting, not missing.
+                # whole loop, and the other transfers' bytes are waiting, not missing. Judged
+                # as of before that pass, so that a write stalling inside it times out no
+                # transfer whose bytes it was about to read.
                 self._turn(0.0)
-                self._idle_check = self._check_idle(time.monotonic())
+                self._idle_check = self._check_idle(now)
             wait = self._idle_check - now
             if self._timer is not None:
                 wait = min(wait, self._timer - now)
