@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from .backends import Transport, open_transport
 from .deadline import Watchdog
 from .errors import FetchError
+from .naming import shown_input
 from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
@@ -136,7 +137,7 @@ class Downloader:
         try:
             task = self._pipeline.prepare(url, filename)
         except FetchError as exc:
-            result = DownloadResult(url=_shown_input(url), path=None, status="failed", error=exc)
+            result = DownloadResult(url=shown_input(url), path=None, status="failed", error=exc)
             self._emit(result.url, 0, None, "failed")
             done: Future[DownloadResult] = Future()
             done.set_result(result)
@@ -234,10 +235,6 @@ def _release(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:
     pins.release()
     transport.close()
     watchdog.stop()
-
-
-def _shown_input(url: object) -> str:
-    return url if isinstance(url, str) else repr(url)
 
 
 def _input_items(urls: UrlInput) -> Iterator[tuple[object, str | None]]:

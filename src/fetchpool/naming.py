@@ -31,6 +31,7 @@ __all__ = [
     "sanitize",
     "scrub",
     "secrets_of",
+    "shown_input",
     "split_userinfo",
     "validate_url",
 ]
@@ -75,6 +76,11 @@ def validate_url(url: object) -> str:
     if port == 0:
         raise InvalidURL(f"URL has port 0: {shown!r}", url=shown)
     return url
+
+
+def shown_input(url: object) -> str:
+    """How an input item appears in results and events: itself, or its ``repr``."""
+    return url if isinstance(url, str) else repr(url)
 
 
 def redact_url(url: str) -> str:

@@ -93,7 +93,7 @@ def _flag(name: str, value: object) -> bool:
     return value
 
 
-def make_options(given: Mapping[str, Any], caller: str = "Downloader()") -> Options:
+def make_options(given: Mapping[str, Any]) -> Options:
     """Validate the keyword options a caller passed, and fill in the defaults.
 
     Raises:
@@ -102,7 +102,7 @@ def make_options(given: Mapping[str, Any], caller: str = "Downloader()") -> Opti
     """
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown:
-        raise TypeError(f"{caller} got an unexpected keyword argument {unknown[0]!r}")
+        raise TypeError(f"Downloader() got an unexpected keyword argument {unknown[0]!r}")
     raw = {**{f.name: getattr(_DEFAULTS, f.name) for f in fields(Options)}, **given}
     timeout = raw["timeout"]
     if isinstance(timeout, tuple):

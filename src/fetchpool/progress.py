@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from .naming import shown_input
 from .results import ProgressEvent, ProgressState
 from .results import _human_bytes as human_bytes
 
@@ -153,8 +154,7 @@ class Emitter:
         callback = self._callback
         if callback is None:
             return
-        shown = url if isinstance(url, str) else repr(url)
-        event = ProgressEvent(url=shown, bytes=nbytes, total=total, state=state)
+        event = ProgressEvent(url=shown_input(url), bytes=nbytes, total=total, state=state)
         with self._lock:
             try:
                 callback(event)

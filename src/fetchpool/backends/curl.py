@@ -29,6 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import certifi
@@ -40,7 +41,6 @@ from requests.utils import get_environ_proxies, select_proxy
 
 from .. import __version__
 from ..deadline import Guard
-from ..errors import FetchError
 from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
@@ -232,14 +232,21 @@ class _Transfer:
         """libcurl's own error, to chain under ours."""
         return CurlError(self.code, self.message)
 
-    def error(self, during: str) -> FetchError | BodyEnded:
-        """The error for a transfer that ended with a non-zero code."""
+    def fail(self, during: str) -> NoReturn:
+        """Raise the error of a transfer that ended with a non-zero code, its cause chained.
+
+        Raises:
+            BodyEnded: the body stopped short (libcurl's partial file, once the headers
+                were in).
+            FetchError: anything else, mapped with :func:`attempt_error`.
+        """
         request = self.request
+        cause = self.cause()
         if self.code == pycurl.E_PARTIAL_FILE and self.ready:
-            return BodyEnded()
+            raise BodyEnded from cause
         kind = self.failure or _classify(self.code, self.message)
-        detail = describe(self.cause(), request.secrets)
-        return attempt_error(kind, request.shown, during, detail, self.guard)
+        detail = describe(cause, request.secrets)
+        raise attempt_error(kind, request.shown, during, detail, self.guard) from cause
 
 
 class _Slot:
@@ -393,7 +400,7 @@ class CurlReply:
                 yield data
                 continue
             if t.code:
-                raise t.error("while reading") from t.cause()
+                t.fail("while reading")
             return
 
     def splice(self, sink: SpliceSink, length: int, moved: Callable[[int], None]) -> bool:
@@ -460,7 +467,7 @@ class CurlReply:
         if t.sink_error is not None:
             raise t.sink_error
         if t.code:
-            raise t.error("while reading") from t.cause()
+            t.fail("while reading")
         if counted < length:
             raise BodyEnded
         return True
@@ -614,10 +621,7 @@ class CurlTransport:
         if not t.wait_headers(lambda: self._failed is not None or self._closed):
             self.post("close", slot, t)
             if t.done and t.code:
-                error = t.error("requesting")
-                if isinstance(error, BodyEnded):  # pragma: no cover - needs t.ready
-                    error = attempt_error("connection", request.shown, "requesting", "", guard)
-                raise error from t.cause()
+                t.fail("requesting")  # never BodyEnded: the headers are not in
             raise attempt_error("connection", request.shown, "requesting", "no response", guard)
         return CurlReply(self, slot, t)
 
