@@ -350,6 +350,21 @@ def run_one(
     return run
 
 
+def _available(
+    contestants: Sequence[str], scenario: Scenario, result: ScenarioResult, log: IO[str]
+) -> list[str]:
+    """The contestants that can run ``scenario``; the others are noted as skipped."""
+    chosen = []
+    for name in contestants:
+        reason = scenario.skip.get(name) or unavailable(name)
+        if reason:
+            result.skipped[name] = reason
+            print(f"  skipped: {name}: {reason}", file=log)
+        else:
+            chosen.append(name)
+    return chosen
+
+
 def run_download_scenario(
     scenario: Scenario,
     contestants: list[str],
@@ -365,14 +380,7 @@ def run_download_scenario(
     under py-spy (profiles only, not timed); ``profile_only`` skips the timed runs.
     """
     result = ScenarioResult.of(scenario)
-    chosen = []
-    for name in contestants:
-        reason = scenario.skip.get(name) or unavailable(name)
-        if reason:
-            result.skipped[name] = reason
-            print(f"  skipped: {name}: {reason}", file=log)
-        else:
-            chosen.append(name)
+    chosen = _available(contestants, scenario, result, log)
     with ServerProcess(server_config(scenario)) as server:
         if scenario.big:
             url, sha, size = server.big_url()
@@ -446,14 +454,7 @@ def run_peak_rss(
     ``<contestant> map() x <count>``.
     """
     result = ScenarioResult.of(scenario)
-    chosen = []
-    for name in peak_rss_contestants(contestants):
-        reason = scenario.skip.get(name) or unavailable(name)
-        if reason:
-            result.skipped[name] = reason
-            print(f"  skipped: {name}: {reason}", file=log)
-        else:
-            chosen.append(name)
+    chosen = _available(peak_rss_contestants(contestants), scenario, result, log)
     with ServerProcess(server_config(scenario, collection="small")) as server:
         url, sha, _ = server.big_url()
         for _ in range(repeat):
