@@ -52,7 +52,7 @@ from fetchpool import (
 )
 from fetchpool.backends import Reply, Request, Transport
 from fetchpool.backends.requests import RequestsTransport
-from fetchpool.deadline import Watchdog, current_guard
+from fetchpool.deadline import Guard, Watchdog
 from fetchpool.testing import ImageServer
 
 pycurl = pytest.importorskip("pycurl")
@@ -355,6 +355,14 @@ def test_cancel_between_redirect_hops_stops_the_next_hop(
     name = uniq("hop")
     url = server.url("/redirect-to?location=" + quote(f"/slow/{name}?delay=2", safe=""))
     dl = Downloader(dest, workers=1, retry=1)
+    guards: list[Guard] = []
+    make_guard = dl._watchdog.guard
+
+    def guard_noted(seconds: float, limit: str = "deadline") -> Guard:
+        guards.append(make_guard(seconds, limit))
+        return guards[-1]
+
+    dl._watchdog.guard = guard_noted  # type: ignore[method-assign]
     closers: list[threading.Thread] = []
     took: list[float] = []
 
@@ -367,8 +375,7 @@ def test_cancel_between_redirect_hops_stops_the_next_hop(
         def emit(self, record: logging.LogRecord) -> None:
             if closers or not record.getMessage().startswith("redirect"):
                 return
-            guard = current_guard()
-            assert guard is not None
+            guard = guards[-1]
             closers.append(threading.Thread(target=cancel))
             closers[0].start()
             wait_for(lambda: guard.cancelled, 5, "the cancel to fire the attempt's guard")

@@ -49,6 +49,7 @@ from fetchpool import (
     UnsafeFilenameError,
     download_all,
 )
+from fetchpool.steps import Steps
 from fetchpool.storage import LOCK_FILE_NAME, ORIGIN_XATTR, lock_key
 from fetchpool.testing import ImageServer
 
@@ -1216,14 +1217,14 @@ def test_content_disposition_skip_reads_no_body(
     first = only(download_all([url], dest, content_disposition=True))
     assert first.status == "downloaded"
     consumed: list[int] = []
-    real_chunks = fetchpool.transfer.Body.chunks
+    real_read = fetchpool.transfer.Body.read
 
-    def spy(self: fetchpool.transfer.Body) -> Iterator[bytes]:
-        for chunk in real_chunks(self):
-            consumed.append(len(chunk))
-            yield chunk
+    def spy(self: fetchpool.transfer.Body) -> Steps[bytes]:
+        chunk = yield from real_read(self)
+        consumed.append(len(chunk))
+        return chunk
 
-    monkeypatch.setattr(fetchpool.transfer.Body, "chunks", spy)
+    monkeypatch.setattr(fetchpool.transfer.Body, "read", spy)
     again = only(download_all([url], dest, content_disposition=True))
     assert again.status == "skipped"
     assert again.path == first.path

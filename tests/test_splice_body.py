@@ -44,6 +44,7 @@ from fetchpool import (
 )
 from fetchpool.backends import Request
 from fetchpool.backends.requests import RequestsReply, default_session
+from fetchpool.steps import run
 from fetchpool.transfer import CHUNK_SIZE, Body
 
 pytestmark = [
@@ -305,11 +306,10 @@ def body_of_response(resp: requests.Response) -> Body:
 
 
 def receive(body: Body, sink: MemorySink) -> bool:
-    """What the downloader does: the head, the splice, then the end of the chunks."""
-    chunks = body.chunks()
-    sink.write(next(chunks))
-    spliced = body.splice_into(sink, lambda: None)
-    for chunk in chunks:
+    """What the downloader does: the head, the splice, then the end of the body."""
+    sink.write(run(body.read()))
+    spliced = run(body.splice_into(sink, lambda: None))
+    while chunk := run(body.read()):
         sink.write(chunk)
     return spliced
 

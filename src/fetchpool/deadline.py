@@ -16,17 +16,18 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from types import TracebackType
 
-__all__ = ["Guard", "Watchdog", "current_guard"]
+__all__ = ["Guard", "Watchdog", "current_guard", "guarding"]
 
 _current = threading.local()
 
 
 class Guard:
-    """The deadline of one attempt; a context manager that makes it the thread's current one."""
+    """The deadline of one attempt; a context manager that ends it when the attempt ends."""
 
     def __init__(self, watchdog: Watchdog, seconds: float, limit: str = "deadline") -> None:
         self._watchdog = watchdog
@@ -72,8 +73,6 @@ class Guard:
             self._stop()
 
     def __enter__(self) -> Guard:
-        self._previous = getattr(_current, "guard", None)
-        _current.guard = self
         return self
 
     def __exit__(
@@ -82,7 +81,6 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _current.guard = self._previous
         with self._watchdog.lock:
             self._active = False
             self._stop = None
@@ -175,6 +173,17 @@ class Watchdog:
                 self._wake.wait(timeout)
 
 
+@contextmanager
+def guarding(guard: Guard) -> Iterator[Guard]:
+    """Make ``guard`` this thread's current one for the block (for blocking backends)."""
+    previous = getattr(_current, "guard", None)
+    _current.guard = guard
+    try:
+        yield guard
+    finally:
+        _current.guard = previous
+
+
 def current_guard() -> Guard | None:
-    """The guard of the attempt running on this thread, if any."""
+    """The guard made current on this thread by :func:`guarding`, if any."""
     return getattr(_current, "guard", None)

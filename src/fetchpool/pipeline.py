@@ -2,8 +2,9 @@
 
 Claim a name, lock it, decide whether to skip, run attempts under the retry policy,
 sniff the head, stream into a temporary file, commit it at its final name, report
-progress, build the result. The pool (:mod:`fetchpool.downloader`) runs
-:meth:`Pipeline.run` on its worker threads; the backend behind
+progress, build the result. It is written as steps (:mod:`fetchpool.steps`): the pool
+(:mod:`fetchpool.downloader`) runs them on its worker threads with :meth:`Pipeline.run`,
+or hands them to a backend that drives them on its event loop; the backend behind
 :mod:`fetchpool.backends` only sends requests.
 """
 
@@ -13,8 +14,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -42,8 +43,9 @@ from .naming import (
 from .options import Options
 from .progress import Emitter
 from .results import DownloadResult
-from .retry import CLOCK, call_with_retries
+from .retry import CLOCK, retrying
 from .sniff import SNIFF_BYTES, sniff_image
+from .steps import Block, Steps, run
 from .storage import (
     Cancelled,
     PathLock,
@@ -150,12 +152,19 @@ class Pipeline:
         return Task(valid, origin, path, False, shown, secrets, claimed=[path])
 
     def run(self, task: Task) -> DownloadResult:
-        """Download one prepared task (on a worker thread); never raises for a failure."""
+        """Download one prepared task on this thread; never raises for a failure."""
+        return run(self.steps(task), self._transport)
+
+    def steps(self, task: Task) -> Steps[DownloadResult]:
+        """Download one prepared task, as steps (:mod:`fetchpool.steps`) for a driver.
+
+        The step never raises for a failure: it ends with the result.
+        """
         start = time.monotonic()
         attempts = [0]
         outcome: Outcome | None = None
         try:
-            outcome = self._download(task, attempts)
+            outcome = yield from self._download(task, attempts)
             result = DownloadResult(
                 url=task.url,
                 path=outcome.path,
@@ -206,20 +215,20 @@ class Pipeline:
             error=error,
         )
 
-    def _download(self, task: Task, attempts: list[int]) -> Outcome:
+    def _download(self, task: Task, attempts: list[int]) -> Steps[Outcome]:
         if self._cancel.is_set():
             raise Cancelled
         start = CLOCK.monotonic()  # the retry budget counts waiting for the lock too
         self._ensure_dir(task)
         if self.opts.content_disposition and not task.caller_named:
             # The name may come with the headers: settle it inside the attempt.
-            return self._with_retries(task, None, attempts, start)
-        lock, path, early = self._settle(task, task.path)
+            return (yield from self._with_retries(task, None, attempts, start))
+        lock, path, early = yield from self._settle(task, task.path)
         if early is not None:
             return early
         assert lock is not None
         try:
-            return self._with_retries(task, path, attempts, start)
+            return (yield from self._with_retries(task, path, attempts, start))
         finally:
             lock.release()
 
@@ -251,7 +260,9 @@ class Pipeline:
         if removed:
             log.info("removed %d leftover temporary file(s) in %s", removed, directory)
 
-    def _settle(self, task: Task, path: Path) -> tuple[PathLock | None, Path, Outcome | None]:
+    def _settle(
+        self, task: Task, path: Path
+    ) -> Steps[tuple[PathLock | None, Path, Outcome | None]]:
         """Lock ``path`` and decide: download into it, skip, fail, or take the derived name.
 
         Returns the held lock and the path to write, or no lock and the outcome.
@@ -262,7 +273,9 @@ class Pipeline:
             lock = PathLock(
                 path.parent, lock_key(path), self._cancel, shown, timeout=self.opts.retry.budget
             )
-            lock.acquire()
+            if not lock.acquire(blocking=False):
+                # Another writer has it: wait where waiting holds up no other download.
+                yield Block(lock.acquire)
             try:
                 found = inspect_target(path)
                 if found.kind == "other":
@@ -296,10 +309,10 @@ class Pipeline:
 
     def _with_retries(
         self, task: Task, path: Path | None, attempts: list[int], start: float
-    ) -> Outcome:
+    ) -> Steps[Outcome]:
         shown = task.shown
 
-        def attempt(number: int, time_left: float) -> Outcome:
+        def attempt(number: int, time_left: float) -> Steps[Outcome]:
             attempts[0] = number
             return self._attempt(task, path, time_left)
 
@@ -307,11 +320,17 @@ class Pipeline:
             log.info("retrying %s in %.1f s after attempt %d: %s", shown, wait, number, exc)
             self._emit(task.url, 0, None, "retrying")
 
-        return call_with_retries(
-            self.opts.retry, attempt, cancel=self._cancel, before_retry=before_retry, start=start
+        return (
+            yield from retrying(
+                self.opts.retry,
+                attempt,
+                cancel=self._cancel,
+                before_retry=before_retry,
+                start=start,
+            )
         )
 
-    def _attempt(self, task: Task, path: Path | None, time_left: float) -> Outcome:
+    def _attempt(self, task: Task, path: Path | None, time_left: float) -> Steps[Outcome]:
         shown = task.shown
         if self._cancel.is_set():
             raise Cancelled
@@ -320,8 +339,7 @@ class Pipeline:
         limit = "deadline" if self.opts.deadline <= time_left else "retry budget"
         with self._watchdog.guard(min(self.opts.deadline, time_left), limit) as guard:
             log.debug("GET %s", shown)
-            reply = open_response(
-                self._transport,
+            reply = yield from open_response(
                 task.url,
                 headers=self.opts.headers,
                 timeout=self.opts.timeout,
@@ -335,11 +353,13 @@ class Pipeline:
                 if path is None:
                     # Content-Disposition names arrive with the headers: settle the
                     # name (and skip) now, before any of the body is read.
-                    lock, path, early = self._settle(task, self._disposition_path(task, reply))
+                    lock, path, early = yield from self._settle(
+                        task, self._disposition_path(task, reply)
+                    )
                     if early is not None:
                         return early
                 try:
-                    return self._receive(task, path, reply, guard)
+                    return (yield from self._receive(task, path, reply, guard))
                 finally:
                     if lock is not None:
                         lock.release()
@@ -354,45 +374,44 @@ class Pipeline:
         task.claimed.append(path)
         return path
 
-    def _receive(self, task: Task, path: Path, reply: Reply, guard: Guard) -> Outcome:
+    def _receive(self, task: Task, path: Path, reply: Reply, guard: Guard) -> Steps[Outcome]:
         shown = task.shown
         body = Body(reply, shown, self.opts.max_bytes, guard)
         content_type = reply.headers.get("Content-Type")
-        chunks = body.chunks()
         head = b""
-        for chunk in chunks:
+        while len(head) < SNIFF_BYTES:
+            chunk = yield from body.read()
+            if not chunk:
+                break
             # Usually the first chunk is enough: keep it as it is rather than copy it.
             head = head + chunk if head else chunk
-            if len(head) >= SNIFF_BYTES:
-                break
         if self.opts.verify == "image" and sniff_image(head[:SNIFF_BYTES]) is None:
             what = content_type or "no Content-Type"
             raise NotAnImageError(
                 f"{shown} is not an image ({what}, starts with {head[:16]!r})", url=shown
             )
-        return self._write(task, path, head, chunks, body, content_type)
+        return (yield from self._write(task, path, head, body, content_type))
 
     def _write(
-        self,
-        task: Task,
-        path: Path,
-        head: bytes,
-        chunks: Iterator[bytes],
-        body: Body,
-        content_type: str | None,
-    ) -> Outcome:
+        self, task: Task, path: Path, head: bytes, body: Body, content_type: str | None
+    ) -> Steps[Outcome]:
         tmp = TempFile(path.parent, lock_key(path), task.shown)
+        url = task.url
         try:
             if head:
                 tmp.write(head)
-                self._emit(task.url, tmp.size, body.total, "progress")
-            # A big plain-HTTP body goes socket to file by splice(2); chunks then only
+                self._emit(url, tmp.size, body.total, "progress")
+            # A big plain-HTTP body goes socket to file by splice(2); reading then only
             # ends it (or reads all of the rest where it cannot be spliced).
-            body.splice_into(tmp, lambda: self._emit(task.url, tmp.size, body.total, "progress"))
-            for chunk in chunks:
+            yield from body.splice_into(
+                tmp, lambda: self._emit(url, tmp.size, body.total, "progress")
+            )
+            while chunk := (yield from body.read()):
                 tmp.write(chunk)
-                self._emit(task.url, tmp.size, body.total, "progress")
-            recorded = tmp.commit(path, task.origin, self.opts.fsync)
+                self._emit(url, tmp.size, body.total, "progress")
+            commit = partial(tmp.commit, path, task.origin, self.opts.fsync)
+            # Flushing to disk may take long: not on a thread that other downloads share.
+            recorded: bool = (yield Block(commit)) if self.opts.fsync else commit()
         except BaseException:
             tmp.discard()
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,8 +22,17 @@ from typing import TypeVar
 import tenacity
 
 from .errors import HTTPStatusError, TransferError
+from .steps import Sleep, Steps, run
 
-__all__ = ["MAX_SECONDS", "RETRY_STATUSES", "RetryPolicy", "is_retryable", "parse_retry_after"]
+__all__ = [
+    "MAX_SECONDS",
+    "RETRY_STATUSES",
+    "RetryPolicy",
+    "call_with_retries",
+    "is_retryable",
+    "parse_retry_after",
+    "retrying",
+]
 
 #: The longest time any option may name (about 31 years): beyond it, timers of the
 #: platform overflow, and an attempt would fail with an internal error, not a clear one.
@@ -184,9 +194,30 @@ def call_with_retries(
 ) -> T:
     """Run ``attempt(number, time_left)`` until it succeeds or retrying must stop.
 
+    The blocking form of :func:`retrying`: waits are slept on this thread.
+    """
+
+    def step(number: int, time_left: float) -> Steps[T]:
+        return attempt(number, time_left)
+        yield  # type: ignore[unreachable]  # makes this a generator that waits on nothing
+
+    return run(retrying(policy, step, cancel=cancel, before_retry=before_retry, start=start))
+
+
+def retrying(
+    policy: RetryPolicy,
+    attempt: Callable[[int, float], Steps[T]],
+    *,
+    cancel: threading.Event,
+    before_retry: Callable[[BaseException, int, float], None] | None = None,
+    start: float | None = None,
+) -> Steps[T]:
+    """Run the step ``attempt(number, time_left)`` until it succeeds or retrying must stop.
+
     ``time_left`` is what remains of the policy's budget, counted from ``start`` (a
     :data:`CLOCK` reading; default now); the attempt should not run longer. The last
-    error is re-raised when retries stop.
+    error is re-raised when retries stop. Waits are :class:`~fetchpool.steps.Sleep`
+    steps: a driver with an event loop holds no thread while one passes.
     """
     if start is None:
         start = CLOCK.monotonic()
@@ -199,16 +230,11 @@ def call_with_retries(
     # it failed. Tenacity's attempt 1 then replays that failure, so numbering, waits and
     # the budget are the same as if it had run the first attempt itself.
     try:
-        return attempt(1, policy.budget - elapsed())
+        return (yield from attempt(1, policy.budget - elapsed()))
     except Exception as exc:
         if policy.attempts <= 1 or not is_retryable(exc):
             raise
         first = exc
-
-    def attempt_or_replay(number: int, time_left: float) -> T:
-        if number == 1:
-            raise first
-        return attempt(number, time_left)
 
     def wait(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -235,15 +261,26 @@ def call_with_retries(
             before_retry(exc, state.attempt_number, state.upcoming_sleep)
 
     retrying = tenacity.Retrying(
-        sleep=lambda seconds: CLOCK.sleep(seconds, cancel),
-        stop=stop,
-        wait=wait,
-        retry=retry,
-        before_sleep=notify,
-        reraise=True,
+        stop=stop, wait=wait, retry=retry, before_sleep=notify, reraise=True
     )
-    for try_ in retrying:
-        with try_:
-            number = try_.retry_state.attempt_number
-            return attempt_or_replay(number, policy.budget - elapsed())
-    raise AssertionError("unreachable")  # pragma: no cover
+    # Tenacity's own iteration sleeps inside it; driven by hand (as its __iter__ does),
+    # the sleep is a step instead.
+    retrying.begin()
+    state = tenacity.RetryCallState(retrying, fn=None, args=(), kwargs={})
+    while True:
+        do = retrying.iter(retry_state=state)
+        if isinstance(do, tenacity.DoAttempt):
+            number = state.attempt_number
+            try:
+                if number == 1:
+                    raise first
+                result = yield from attempt(number, policy.budget - elapsed())
+            except Exception:  # noqa: BLE001 - tenacity's retry decides
+                state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+            else:
+                state.set_result(result)
+        elif isinstance(do, tenacity.DoSleep):
+            state.prepare_for_next_attempt()
+            yield Sleep(float(do), cancel)
+        else:
+            return do  # type: ignore[no-any-return]

@@ -11,15 +11,16 @@ from __future__ import annotations
 import http.client
 import logging
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
-from .backends import BodyEnded, Reply, Request, SpliceSink, Transport, check_guard, describe
+from .backends import BodyEnded, Reply, Request, SpliceSink, check_guard, describe
 from .deadline import Guard
 from .errors import HTTPStatusError, RedirectError, TooLargeError, TransferError
 from .naming import is_sensitive_header, redact_url, split_userinfo
 from .retry import parse_retry_after
+from .steps import Read, Send, Splice, Steps
 
 __all__ = [
     "CHUNK_SIZE",
@@ -62,7 +63,6 @@ def _request_headers(headers: Mapping[str, str], cross_origin: bool) -> dict[str
 
 
 def open_response(
-    transport: Transport,
     url: str,
     *,
     headers: Mapping[str, str],
@@ -71,8 +71,8 @@ def open_response(
     guard: Guard,
     secrets: tuple[str, ...],
     shown: str = "",
-) -> Reply:
-    """Send GET for ``url``, following up to 10 redirects, and return the 2xx reply.
+) -> Steps[Reply]:
+    """Send GET for ``url``, following up to 10 redirects; the step ends with the 2xx reply.
 
     The reply is streamed: its body is unread. The caller must close it.
     ``secrets`` (from :func:`~fetchpool.naming.secrets_of`) are kept out of messages.
@@ -104,7 +104,7 @@ def open_response(
             shown=shown,
             secrets=secrets,
         )
-        reply = transport.send(request, guard)
+        reply: Reply = yield Send(request, guard)
         status = reply.status
         if 200 <= status < 300:
             return reply
@@ -266,6 +266,8 @@ class Body:
         #: Body bytes received as sent, and after decoding.
         self.received = 0
         self.decoded = 0
+        self._draining = False  # the decoder may have more output for the last input
+        self._ended = False
 
     def _count(self, size: int) -> None:
         self.decoded += size
@@ -286,21 +288,21 @@ class Body:
             url=self.shown,
         )
 
-    def splice_into(self, sink: SpliceSink, progress: Callable[[], None]) -> bool:
+    def splice_into(self, sink: SpliceSink, progress: Callable[[], None]) -> Steps[bool]:
         """Have the backend move the rest of the body straight into ``sink``, if it can.
 
         For a big identity body with a known length the backend may splice it from the
         socket to the file without the bytes entering Python (the requests backend does
-        so over plain HTTP). Call it between two chunks of :meth:`chunks` (after the
-        head); resumed, :meth:`chunks` then ends the body as usual.
+        so over plain HTTP). Run it between two :meth:`read` steps (after the head);
+        :meth:`read` then ends the body as usual.
 
         Args:
             sink: where the bytes go.
             progress: called after each :data:`SPLICE_BLOCK` or so moved, and at the end.
 
         Returns:
-            Whether all of the body was moved; ``False`` (the rest left to
-            :meth:`chunks`, every count up to date) otherwise.
+            (as the step's result) whether all of the body was moved; ``False`` (the
+            rest left to :meth:`read`, every count up to date) otherwise.
 
         Raises:
             TransferError: reset, read timeout, deadline, cancellation or truncation.
@@ -322,49 +324,62 @@ class Body:
                 progress()
 
         try:
-            return self.reply.splice(sink, self.length - self.received, moved)
+            done: bool = yield Splice(self.reply, sink, self.length - self.received, moved)
         except BodyEnded:
             raise self._truncated() from None
+        return done
 
-    def chunks(self) -> Iterator[bytes]:
-        """Yield the decoded body in chunks.
+    def _decoded(self, out: bytes) -> bytes:
+        self._draining = True
+        self._count(len(out))
+        return out
+
+    def read(self) -> Steps[bytes]:
+        """The next decoded chunk of the body, ``b""`` once it ended well (a step).
 
         Raises:
             TransferError: reset, timeout, deadline, truncation, malformed framing or a
                 corrupt compressed stream.
             TooLargeError: more than ``max_bytes`` decoded bytes.
         """
-        limit = CHUNK_SIZE
-        source = self.reply.chunks(CHUNK_SIZE)
-        while True:
-            check_guard(self.guard, self.shown)
-            try:
-                data = next(source, b"")
-            except BodyEnded:
-                raise self._truncated() from None
-            if not data:
-                break
-            self.received += len(data)
-            if self.length is not None and self.received > self.length:
-                raise TransferError(
-                    f"{self.shown} sent more than its Content-Length",
-                    url=self.shown,
-                    retryable=False,
-                )
-            if self.decoder is None:
-                self._count(len(data))
-                yield data
-                continue
-            try:
-                out = self.decoder.feed(data, limit)
-                while out:
-                    self._count(len(out))
-                    yield out
-                    out = self.decoder.more(limit)
-            except zlib.error as exc:
-                raise TransferError(
-                    f"corrupt compressed body from {self.shown}: {exc}", url=self.shown
-                ) from exc
+        decoder = self.decoder
+        try:
+            if self._draining:
+                assert decoder is not None
+                out = decoder.more(CHUNK_SIZE)
+                if out:
+                    return self._decoded(out)
+                self._draining = False
+            while not self._ended:
+                check_guard(self.guard, self.shown)
+                try:
+                    data: bytes = yield Read(self.reply, CHUNK_SIZE)
+                except BodyEnded:
+                    raise self._truncated() from None
+                if not data:
+                    self._end()
+                    break
+                self.received += len(data)
+                if self.length is not None and self.received > self.length:
+                    raise TransferError(
+                        f"{self.shown} sent more than its Content-Length",
+                        url=self.shown,
+                        retryable=False,
+                    )
+                if decoder is None:
+                    self._count(len(data))
+                    return data
+                out = decoder.feed(data, CHUNK_SIZE)
+                if out:
+                    return self._decoded(out)
+        except zlib.error as exc:
+            raise TransferError(
+                f"corrupt compressed body from {self.shown}: {exc}", url=self.shown
+            ) from exc
+        return b""
+
+    def _end(self) -> None:
+        self._ended = True
         check_guard(self.guard, self.shown)
         if self.length is not None and self.received < self.length:
             raise self._truncated()

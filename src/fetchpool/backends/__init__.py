@@ -10,7 +10,7 @@ failures below so that both backends fail with the same types and messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -88,8 +88,10 @@ class Reply(Protocol):
         """The response headers."""
         ...
 
-    def chunks(self, size: int) -> Iterator[bytes]:
-        """Yield the body as sent (transfer framing removed, content encoding kept).
+    def read(self, size: int) -> bytes:
+        """Return the next bytes of the body as sent, at most ``size``; ``b""`` at the end.
+
+        Transfer framing is removed, the content encoding kept.
 
         Raises:
             FetchError: the read failed (mapped with :func:`attempt_error`).
@@ -116,7 +118,11 @@ class Reply(Protocol):
 
 
 class Transport(Protocol):
-    """A backend: sends single requests on behalf of the pipeline's worker threads."""
+    """A backend: sends single requests on behalf of the pipeline's worker threads.
+
+    A backend that can drive the pipeline's steps itself (an event loop) also has
+    ``runner(workers, cancel) -> Runner``; the pool then uses it instead of threads.
+    """
 
     def send(self, request: Request, guard: Guard) -> Reply:
         """Send ``request`` and return once the status and headers are in.

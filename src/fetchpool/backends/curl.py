@@ -374,6 +374,7 @@ class CurlReply:
         self.status = transfer.status
         self.reason = transfer.reason
         self.headers = transfer.headers
+        self._source: Iterator[bytes] | None = None
 
     def chunks(self, size: int) -> Iterator[bytes]:
         """Yield the body as libcurl delivers it (framing removed, encoding kept)."""
@@ -402,6 +403,12 @@ class CurlReply:
             if t.code:
                 t.fail("while reading")
             return
+
+    def read(self, size: int) -> bytes:
+        """Return the next bytes of the body; see :meth:`fetchpool.backends.Reply.read`."""
+        if self._source is None:
+            self._source = self.chunks(size)
+        return next(self._source, b"")
 
     def splice(self, sink: SpliceSink, length: int, moved: Callable[[int], None]) -> bool:
         """Have the loop thread write the rest of the body into ``sink`` as it arrives.

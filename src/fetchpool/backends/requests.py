@@ -23,7 +23,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
 
 from .. import __version__
-from ..deadline import Guard, current_guard
+from ..deadline import Guard, current_guard, guarding
 from ..errors import FetchError
 from . import Failure, Request, SpliceSink, attempt_error, describe
 from ._splice import splice_body
@@ -250,6 +250,7 @@ class RequestsReply:
         self.headers = resp.headers
         self._request = request
         self._guard = guard
+        self._source: Iterator[bytes] | None = None
 
     def _error(self, exc: BaseException) -> FetchError:
         request = self._request
@@ -274,6 +275,12 @@ class RequestsReply:
             if not data:
                 return
             yield data
+
+    def read(self, size: int) -> bytes:
+        """Return the next bytes of the body; see :meth:`fetchpool.backends.Reply.read`."""
+        if self._source is None:
+            self._source = self.chunks(size)
+        return next(self._source, b"")
 
     def splice(self, sink: SpliceSink, length: int, moved: Callable[[int], None]) -> bool:
         """Splice a plain-HTTP body socket to file; see :mod:`fetchpool.backends._splice`."""
@@ -328,9 +335,11 @@ class RequestsTransport:
             prepared.headers.pop(name, None)
         settings = _environment(session, request.url, env_cache)
         try:
-            resp = session.send(
-                prepared, allow_redirects=False, timeout=request.timeout, **settings
-            )
+            # The guarded connections find the guard here, deep inside urllib3.
+            with guarding(guard):
+                resp = session.send(
+                    prepared, allow_redirects=False, timeout=request.timeout, **settings
+                )
         except NETWORK_ERRORS as exc:
             raise network_error(exc, request.shown, guard, "requesting", request.secrets) from exc
         return RequestsReply(resp, request, guard)
