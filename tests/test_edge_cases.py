@@ -295,6 +295,7 @@ def test_the_budget_counts_the_wait_for_the_lock(dest: Path) -> None:
 
 
 @pytest.mark.usefixtures("each_backend")
+@pytest.mark.requests_only  # about ThreadPoolExecutor's shutdown lock: the curl loop has none
 def test_close_does_not_deadlock_with_a_callback_that_submits(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

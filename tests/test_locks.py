@@ -122,7 +122,7 @@ def test_a_dropped_downloader_still_removes_its_lock_file(tmp_path: Path) -> Non
     with ImageServer(n_images=4) as server:
         dl = Downloader(dest, workers=1)
         assert dl.submit(server.url("/any/one.png")).result().ok
-        dl._executor.shutdown(wait=True)
+        dl._runner.shutdown(wait=True)
         del dl
         import gc
 

@@ -1,4 +1,8 @@
-"""The :class:`Downloader`: a pool of worker threads running the per-URL pipeline."""
+"""The :class:`Downloader`: a pool running the per-URL pipeline, on threads or a loop.
+
+On the requests backend each download runs on a worker thread of its own; a backend
+with an event loop (curl) drives the pipeline's steps itself, ``workers`` at once.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,14 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from .backends import Transport, open_transport
+from .backends import Runner, Transport, open_transport
 from .deadline import Watchdog
 from .errors import FetchError
 from .naming import shown_input
@@ -22,6 +26,7 @@ from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
 from .results import DownloadResult
+from .steps import Steps, run
 from .storage import Pins
 
 if TYPE_CHECKING:
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
     from .options import DownloadOptions
 
 __all__ = ["Downloader"]
+
+T = TypeVar("T")
 
 UrlInput = Iterable[str] | Mapping[str, str]
 
@@ -110,7 +117,10 @@ class Downloader:
         self._closed = False
         self._closing = False
         self._cancelled_urls: deque[str] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
+        make_runner = getattr(self._transport, "runner", None)
+        self._runner: Runner = (
+            make_runner(workers) if make_runner is not None else _Threads(workers, self._transport)
+        )
 
     # -- public API -------------------------------------------------------------------
 
@@ -143,7 +153,7 @@ class Downloader:
             done.set_result(result)
             return done
         try:
-            future = self._executor.submit(self._pipeline.run, task)
+            future = self._runner.submit(partial(self._pipeline.steps, task))
         except BaseException:
             # Closed meanwhile, or no thread could be started: the task never runs.
             self._pipeline.release_claims(task, None)
@@ -205,14 +215,15 @@ class Downloader:
             # a pending download (which must end cancelled, not failed).
             self._closing = True
             try:
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._runner.shutdown(wait=False, cancel_futures=True)
             finally:
                 self._closing = False
             while self._cancelled_urls:
                 self._emit(self._cancelled_urls.popleft(), 0, None, "failed")
             self._cancel.set()
             self._watchdog.cancel_all()
-        self._executor.shutdown(wait=True)
+            self._runner.wake()
+        self._runner.shutdown(wait=True)
         self._watchdog.stop()
         self._transport.close()
         self._pipeline.pins.release()
@@ -228,6 +239,23 @@ class Downloader:
         tb: TracebackType | None,
     ) -> None:
         self.close(cancel=exc_type is not None)
+
+
+class _Threads:
+    """The requests backend's runner: each download's steps on a worker thread."""
+
+    def __init__(self, workers: int, transport: Transport) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
+        self._transport = transport
+
+    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
+        return self._executor.submit(lambda: run(start(), self._transport))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def wake(self) -> None:
+        pass  # a worker waiting to retry waits on the cancel event itself
 
 
 def _release(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:

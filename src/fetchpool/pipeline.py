@@ -57,7 +57,7 @@ from .storage import (
     supports_xattrs,
     sweep,
 )
-from .transfer import Body, open_response
+from .transfer import SPLICE_BLOCK, Body, open_response
 
 __all__ = ["Outcome", "Pipeline", "Task"]
 
@@ -406,8 +406,14 @@ class Pipeline:
             yield from body.splice_into(
                 tmp, lambda: self._emit(url, tmp.size, body.total, "progress")
             )
+            reported = tmp.size
             while chunk := (yield from body.read()):
                 tmp.write(chunk)
+                # An event per MiB or so, not per read: a backend may give small blocks.
+                if tmp.size - reported >= SPLICE_BLOCK:
+                    reported = tmp.size
+                    self._emit(url, reported, body.total, "progress")
+            if tmp.size != reported:
                 self._emit(url, tmp.size, body.total, "progress")
             commit = partial(tmp.commit, path, task.origin, self.opts.fsync)
             # Flushing to disk may take long: not on a thread that other downloads share.

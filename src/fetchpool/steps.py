@@ -77,21 +77,19 @@ def perform(effect: Effect, transport: Transport | None) -> Any:
     Raises:
         Whatever the effect raises (a :class:`~fetchpool.errors.FetchError` above all).
     """
-    kind = type(effect)
-    if kind is Read:
-        return effect.reply.read(effect.size)  # type: ignore[union-attr]
-    if kind is Send:
+    if isinstance(effect, Read):
+        return effect.reply.read(effect.size)
+    if isinstance(effect, Send):
         assert transport is not None
-        return transport.send(effect.request, effect.guard)  # type: ignore[union-attr]
-    if kind is Splice:
-        reply, sink, length, moved = effect  # type: ignore[misc]
-        return reply.splice(sink, length, moved)
-    if kind is Sleep:
+        return transport.send(effect.request, effect.guard)
+    if isinstance(effect, Splice):
+        return effect.reply.splice(effect.sink, effect.length, effect.moved)
+    if isinstance(effect, Sleep):
         from .retry import CLOCK  # noqa: PLC0415 - retry imports this module
 
-        CLOCK.sleep(effect.seconds, effect.cancel)  # type: ignore[union-attr]
+        CLOCK.sleep(effect.seconds, effect.cancel)
         return None
-    return effect.call()  # type: ignore[union-attr]
+    return effect.call()
 
 
 def run(

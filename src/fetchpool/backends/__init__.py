@@ -11,18 +11,25 @@ failures below so that both backends fail with the same types and messages.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from ..deadline import Guard
 from ..errors import FetchError, InvalidURL, TransferError
 from ..naming import scrub
+
+if TYPE_CHECKING:
+    from ..steps import Steps
+
+T = TypeVar("T")
 
 __all__ = [
     "BodyEnded",
     "Failure",
     "Reply",
     "Request",
+    "Runner",
     "SpliceSink",
     "Transport",
     "attempt_error",
@@ -137,6 +144,22 @@ class Transport(Protocol):
 
     def close(self) -> None:
         """Close every connection the transport opened."""
+        ...
+
+
+class Runner(Protocol):
+    """Runs downloads' steps (:mod:`fetchpool.steps`) and gives their results as futures."""
+
+    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
+        """Run the steps ``start()`` makes; the future gets what they end with."""
+        ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work; cancel what has not started; wait for the rest."""
+        ...
+
+    def wake(self) -> None:
+        """Look again at the downloads waiting to retry (the cancel event was set)."""
         ...
 
 

@@ -21,6 +21,8 @@ proxy is chosen here, per URL, as requests would choose it).
 from __future__ import annotations
 
 import base64
+import heapq
+import itertools
 import logging
 import os
 import re
@@ -29,7 +31,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
@@ -41,9 +45,15 @@ from requests.utils import get_environ_proxies, select_proxy
 
 from .. import __version__
 from ..deadline import Guard
+from ..errors import FetchError
+from ..retry import CLOCK
+from ..steps import Read, Send, Sleep, Splice, Steps, perform
+from ..steps import run as run_steps
 from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("fetchpool")
 
@@ -77,6 +87,8 @@ _SINK_REPORT = 1024 * 1024
 #: libcurl's receive buffer (its write callbacks get at most 16 KiB all the same).
 _BUFFER_SIZE = 256 * 1024
 _PROXY_CACHE_HOSTS = 256
+#: In event mode, about how many buffered bytes one read step takes at once.
+_JOIN = 256 * 1024
 
 
 class CurlError(Exception):
@@ -160,6 +172,12 @@ def _code_of(exc: pycurl.error) -> tuple[int, str]:
     return -1, str(exc)
 
 
+def _outcome(future: Future[Any]) -> tuple[Any, BaseException | None]:
+    """A finished future's result, as a step resumes with it."""
+    error = future.exception()
+    return (None, error) if error is not None else (future.result(), None)
+
+
 def _basic_auth(user: str, password: str) -> str:
     def encode(text: str) -> bytes:
         # requests sends latin-1 where it can; beyond it, UTF-8 is what servers expect.
@@ -185,9 +203,16 @@ class _Transfer:
     Every field is guarded by ``cond``'s lock, except those only the loop touches.
     """
 
-    def __init__(self, request: Request, guard: Guard, read_timeout: float, start: float) -> None:
+    def __init__(
+        self, request: Request, guard: Guard, read_timeout: float, start: float, slot: _Slot
+    ) -> None:
         self.request = request
         self.guard = guard
+        self.slot = slot
+        # Event mode: the download whose steps wait on this transfer (loop thread only).
+        self.run: _Run | None = None
+        self.owed = False  # a wake-up is owed to its waiter at the end of this turn
+        self.replied = False  # the reply was handed over
         self.cond = threading.Condition(threading.Lock())
         self.status = 0
         self.reason = ""
@@ -214,12 +239,42 @@ class _Transfer:
         self.active = start
 
     def finish(self, code: int, message: str, failure: Failure | None = None) -> None:
+        """Mark the transfer ended (loop thread) and wake whoever waits on it."""
         with self.cond:
             self.done = True
             self.code = code
             self.message = message
             self.failure = failure
             self.cond.notify_all()
+        if self.run is not None:
+            self.slot.transport.owe_wake(self)
+
+    def take(self, size: int = 0) -> tuple[bytes | None, bool]:
+        """Take the next buffered block (``None``: none yet; ``b""``: the body ended).
+
+        With ``size``, the blocks buffered are joined up to about that many bytes: one
+        step then writes what libcurl gave in 16 KiB callbacks.
+
+        Returns it with whether the caller must now ask the loop to resume the transfer
+        (it was paused, and enough of its buffer is taken). ``cond`` must not be held.
+        """
+        with self.cond:
+            if self.chunks:
+                data: bytes | None = self.chunks.popleft()
+                assert data is not None
+                if size and self.chunks and len(data) < size:
+                    parts = [data]
+                    taken = len(data)
+                    while self.chunks and taken < size:
+                        parts.append(self.chunks.popleft())
+                        taken += len(parts[-1])
+                    data = b"".join(parts)
+                self.buffered -= len(data)
+                # Still paused until the loop resumes it: not idle meanwhile.
+                resume = self.paused and not self.resuming and self.buffered < _HIGH_WATER // 2
+                self.resuming = self.resuming or resume
+                return data, resume
+            return (b"" if self.done else None), False
 
     def wait_headers(self, given_up: Callable[[], bool]) -> bool:
         """Wait until the headers are in (``True``) or the transfer ended without them."""
@@ -249,11 +304,24 @@ class _Transfer:
         raise attempt_error(kind, request.shown, during, detail, self.guard) from cause
 
 
+class _Run:
+    """One download's steps, driven by the loop thread (event mode)."""
+
+    __slots__ = ("future", "parked", "steps")
+
+    def __init__(self, steps: Steps[Any], future: Future[Any]) -> None:
+        self.steps = steps
+        self.future = future
+        # What it waits for: a transfer (headers or bytes), a blocking call, or (None)
+        # nothing but time, as a sleeper.
+        self.parked: _Transfer | Future[Any] | None = None
+
+
 class _Slot:
     """An easy handle and the callbacks bound to it, reused across transfers."""
 
     def __init__(self, transport: CurlTransport) -> None:
-        self._transport = transport
+        self._transport = self.transport = transport
         self.transfer: _Transfer | None = None
         self.proxy: str | None = None
         self.connect_ms = -1
@@ -361,6 +429,8 @@ class _Slot:
         t.buffered += len(data)
         if t.waiting:
             t.cond.notify()
+        elif t.run is not None and not t.owed:
+            t.slot.transport.owe_wake(t)
         return None
 
 
@@ -387,14 +457,7 @@ class CurlReply:
                     t.waiting = False
                     if not t.done and not t.chunks:
                         check_guard(t.guard, t.request.shown)
-                if t.chunks:
-                    data = t.chunks.popleft()
-                    t.buffered -= len(data)
-                    # Still paused until the loop resumes it: not idle meanwhile.
-                    resume = t.paused and not t.resuming and t.buffered < _HIGH_WATER // 2
-                    t.resuming = t.resuming or resume
-                else:
-                    data, resume = b"", False
+            data, resume = t.take()
             if resume:
                 self._transport.post("resume", self._slot, t)
             if data:
@@ -529,6 +592,19 @@ class CurlTransport:
         self._owed: list[_Transfer] = []
         self._idle_check = 0.0
         self._running: dict[int, _Slot] = {}
+        # Event mode (see runner()): downloads queued (under _lock), and those whose
+        # steps the loop drives, at most _limit at once (loop thread).
+        self._limit = workers
+        self._queue: deque[tuple[Future[Any], Callable[[], Steps[Any]]]] = deque()
+        self._unfinished = 0
+        self._all_done = threading.Condition(self._lock)
+        self._runs: set[_Run] = set()
+        self._sleepers: list[tuple[float, int, _Run, threading.Event]] = []
+        self._seq = itertools.count()
+        self._rouse = False
+        self._blocked: deque[tuple[_Run, Future[Any]]] = deque()  # under _lock
+        self._helpers: ThreadPoolExecutor | None = None
+        self._gone = False  # the loop drives no download any more (under _lock)
 
     # -- worker side ---------------------------------------------------------------------
 
@@ -546,6 +622,12 @@ class CurlTransport:
                     self._proxies.clear()
                 self._proxies[key] = proxy
         return proxy
+
+    def _start_thread(self) -> None:
+        # With self._lock held.
+        if self._thread is None and not self._stopping:
+            self._thread = threading.Thread(target=self._run, name="fetchpool-curl", daemon=True)
+            self._thread.start()
 
     def _slot(self) -> _Slot:
         with self._lock:
@@ -566,11 +648,14 @@ class CurlTransport:
             if self._closed:
                 return  # no loop runs any more, and the wake-up pipe is gone
             self._commands.append((what, slot, transfer))
-            if self._thread is None and not self._stopping:
-                self._thread = threading.Thread(
-                    target=self._run, name="fetchpool-curl", daemon=True
-                )
-                self._thread.start()
+            self._start_thread()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Make the loop look at its commands soon (it does anyway when this is it)."""
+        if threading.current_thread() is self._thread:
+            return
+        with self._lock:
             wake = not self._woken
             self._woken = True
         if wake:
@@ -581,6 +666,22 @@ class CurlTransport:
 
     def send(self, request: Request, guard: Guard) -> CurlReply:
         """Send one GET, redirects not followed; see :class:`fetchpool.backends.Transport`."""
+        slot, t = self._prepare(request, guard)
+        guard.on_fire(lambda: self.post("abort", slot, t))
+        self.post("add", slot, t)
+        if not t.wait_headers(lambda: self._failed is not None or self._closed):
+            self.post("close", slot, t)
+            if t.done and t.code:
+                t.fail("requesting")  # never BodyEnded: the headers are not in
+            raise attempt_error("connection", request.shown, "requesting", "no response", guard)
+        return CurlReply(self, slot, t)
+
+    def _prepare(self, request: Request, guard: Guard) -> tuple[_Slot, _Transfer]:
+        """Set a free handle up for ``request`` (any thread).
+
+        Raises:
+            FetchError: the guard fired, the URL is refused, or the transport is closed.
+        """
         check_guard(guard, request.shown, "requesting")
         if self._closed:
             raise attempt_error(
@@ -621,16 +722,9 @@ class CurlTransport:
             easy.setopt(pycurl.PROXY, proxy)
             slot.proxy = proxy
         start = time.monotonic()
-        t = _Transfer(request, guard, read, start + connect)
+        t = _Transfer(request, guard, read, start + connect, slot)
         slot.transfer = t
-        guard.on_fire(lambda: self.post("abort", slot, t))
-        self.post("add", slot, t)
-        if not t.wait_headers(lambda: self._failed is not None or self._closed):
-            self.post("close", slot, t)
-            if t.done and t.code:
-                t.fail("requesting")  # never BodyEnded: the headers are not in
-            raise attempt_error("connection", request.shown, "requesting", "no response", guard)
-        return CurlReply(self, slot, t)
+        return slot, t
 
     def _give_back(self, slot: _Slot) -> None:
         slot.transfer = None
@@ -663,10 +757,241 @@ class CurlTransport:
             slot.easy.close()
         self._slots.clear()
         self._free.clear()
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=False)
         self._multi.close()
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    # -- event mode: the loop thread drives the downloads' steps ---------------------------
+
+    def runner(self, workers: int) -> CurlTransport:
+        """Drive downloads' steps on the loop thread, ``workers`` at once (the pool's runner).
+
+        Only a step that must block (a lock another writer holds, an fsync) goes to a
+        helper thread; waiting for the network or for a retry holds no thread at all.
+        """
+        self._limit = workers
+        return self
+
+    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
+        """Queue the steps ``start()`` makes; the future gets what they end with.
+
+        Raises:
+            RuntimeError: the transport is closed.
+        """
+        future: Future[T] = Future()
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("cannot submit to a closed transport")
+            self._queue.append((future, start))
+            self._unfinished += 1
+            self._start_thread()
+            gone = self._gone
+        if gone:
+            self._abandon()
+        self._wake()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Cancel the queued downloads (``cancel_futures``); wait for the rest (``wait``)."""
+        if cancel_futures:
+            with self._lock:
+                queued = list(self._queue)
+                self._queue.clear()
+            for future, _ in queued:
+                future.cancel()
+                self._finished()
+        if wait and threading.current_thread() is not self._thread:
+            with self._lock:
+                while self._unfinished:
+                    self._all_done.wait()
+
+    def wake(self) -> None:
+        """Look again at the downloads waiting to retry (the cancel event was set)."""
+        with self._lock:
+            self._rouse = True
+        self._wake()
+
+    def _finished(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
+            if not self._unfinished:
+                self._all_done.notify_all()
+
+    def _start_runs(self) -> None:
+        while len(self._runs) < self._limit:
+            with self._lock:
+                if not self._queue:
+                    return
+                future, start = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():
+                self._finished()
+                continue
+            run = _Run(start(), future)
+            self._runs.add(run)
+            self._step(run, None, None)
+
+    def _step(self, run: _Run, value: Any, error: BaseException | None) -> None:
+        """Resume ``run`` with ``value`` (or ``error``) and go on until it must wait."""
+        steps = run.steps
+        while True:
+            try:
+                effect = steps.send(value) if error is None else steps.throw(error)
+            except StopIteration as stop:
+                self._run_done(run, stop.value, None)
+                return
+            except BaseException as exc:  # noqa: BLE001 - the steps' own failure: its future's
+                self._run_done(run, None, exc)
+                return
+            value, error = None, None
+            try:
+                if isinstance(effect, Read):
+                    got = self._answer(effect.reply._t)  # type: ignore[attr-defined]
+                    if got is None:
+                        run.parked = effect.reply._t  # type: ignore[attr-defined]
+                        return
+                    value, error = got
+                elif isinstance(effect, Send):
+                    slot, t = self._prepare(effect.request, effect.guard)
+                    t.run = run
+                    run.parked = t
+                    effect.guard.on_fire(partial(self.post, "abort", slot, t))
+                    self._add(slot, t)
+                    return
+                elif isinstance(effect, Splice):
+                    value = False  # the body comes through Read, straight off the loop
+                elif isinstance(effect, Sleep):
+                    if CLOCK.record is not None:  # instant_retries(): nothing to wait for
+                        perform(effect, self)
+                        continue
+                    when = time.monotonic() + effect.seconds
+                    heapq.heappush(self._sleepers, (when, next(self._seq), run, effect.cancel))
+                    run.parked = None
+                    return
+                else:
+                    self._block(run, effect.call)
+                    return
+            except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
+                error = exc
+
+    def _answer(self, t: _Transfer) -> tuple[Any, BaseException | None] | None:
+        """What a step waiting on ``t`` resumes with, or ``None`` if it must wait on."""
+        if not t.replied:
+            if t.ready:
+                t.replied = True
+                return CurlReply(self, t.slot, t), None
+            if not t.done:
+                return None
+            self.post("close", t.slot, t)
+            try:
+                if t.code:
+                    t.fail("requesting")  # never BodyEnded: the headers are not in
+                raise attempt_error(
+                    "connection", t.request.shown, "requesting", "no response", t.guard
+                )
+            except FetchError as exc:
+                return None, exc
+        data, resume = t.take(_JOIN)
+        if resume:
+            self.post("resume", t.slot, t)
+        if data is None:
+            return None
+        if not data and t.code:
+            try:
+                t.fail("while reading")
+            except (FetchError, BodyEnded) as exc:
+                return None, exc
+        return data, None
+
+    def _run_done(self, run: _Run, value: Any, error: BaseException | None) -> None:
+        self._runs.discard(run)
+        if error is None:
+            run.future.set_result(value)
+        else:
+            run.future.set_exception(error)
+        self._finished()
+
+    def _block(self, run: _Run, call: Callable[[], Any]) -> None:
+        if self._helpers is None:
+            self._helpers = ThreadPoolExecutor(self._limit, thread_name_prefix="fetchpool-wait")
+        future = self._helpers.submit(call)
+        run.parked = future
+        future.add_done_callback(partial(self._unblocked, run))
+
+    def _unblocked(self, run: _Run, future: Future[Any]) -> None:
+        with self._lock:
+            gone = self._gone
+            if not gone:
+                self._blocked.append((run, future))
+        if gone:
+            self._fall_back(run, *_outcome(future))
+        else:
+            self._wake()
+
+    def _resume_blocked(self) -> None:
+        while True:
+            with self._lock:
+                if not self._blocked:
+                    return
+                run, future = self._blocked.popleft()
+            run.parked = None
+            self._step(run, *_outcome(future))
+
+    def _wake_sleepers(self, now: float) -> None:
+        with self._lock:
+            rouse, self._rouse = self._rouse, False
+        if rouse and self._sleepers:
+            woken = [e for e in self._sleepers if e[3].is_set()]
+            self._sleepers = [e for e in self._sleepers if not e[3].is_set()]
+            heapq.heapify(self._sleepers)
+            for _, _, run, _ in woken:
+                self._step(run, None, None)
+        while self._sleepers and self._sleepers[0][0] <= now:
+            run = heapq.heappop(self._sleepers)[2]
+            self._step(run, None, None)
+
+    def _abandon(self) -> None:
+        """Finish, each on a thread of its own, the downloads the loop will drive no more.
+
+        The loop failed or stopped: every download still gets its result, its steps run
+        by the blocking driver (whose requests fail at once: the transport is done).
+        """
+        with self._lock:
+            self._gone = True
+            blocked = list(self._blocked)
+            self._blocked.clear()
+            queued = list(self._queue)
+            self._queue.clear()
+        for run, future in blocked:
+            self._fall_back(run, *_outcome(future))
+        runs, self._runs = self._runs, set()
+        self._sleepers.clear()
+        for run in runs:
+            parked = run.parked
+            if isinstance(parked, _Transfer):
+                self._fall_back(run, *(self._answer(parked) or (None, None)))
+            elif parked is None:
+                self._fall_back(run, None, None)
+            # A run in a blocking call falls back when the call returns (_unblocked).
+        for future, start in queued:
+            if future.set_running_or_notify_cancel():
+                self._fall_back(_Run(start(), future), None, None)
+            else:
+                self._finished()
+
+    def _fall_back(self, run: _Run, value: Any, error: BaseException | None) -> None:
+        def drive() -> None:
+            try:
+                result = run_steps(run.steps, self, value, error)
+            except BaseException as exc:  # noqa: BLE001 - the future's to report
+                run.future.set_exception(exc)
+            else:
+                run.future.set_result(result)
+            self._finished()
+
+        threading.Thread(target=drive, name="fetchpool-curl-fallback", daemon=True).start()
 
     # -- loop thread ---------------------------------------------------------------------
 
@@ -723,17 +1048,29 @@ class CurlTransport:
                 stranded = [t for _, _, t in self._commands]
             for t in stranded:
                 t.finish(-1, f"internal error: {exc!r}", "connection")
+            self._abandon()
             raise
 
     def owe_wake(self, t: _Transfer) -> None:
         """Wake ``t``'s worker at the end of this turn of the loop (loop thread)."""
+        t.owed = True
         self._owed.append(t)
 
     def _pay_wakes(self) -> None:
-        owed, self._owed = self._owed, []
-        for t in owed:
-            with t.cond:
-                t.cond.notify_all()
+        # Resuming a download may owe more wake-ups (another transfer's end, say).
+        while self._owed:
+            owed, self._owed = self._owed, []
+            for t in owed:
+                t.owed = False
+                run = t.run
+                if run is None:
+                    with t.cond:
+                        t.cond.notify_all()
+                elif run.parked is t:
+                    got = self._answer(t)
+                    if got is not None:
+                        run.parked = None
+                        self._step(run, *got)
 
     def idle_check_by(self, when: float) -> None:
         """Have the loop look for idle transfers no later than ``when`` (loop thread)."""
@@ -742,10 +1079,13 @@ class CurlTransport:
     def _loop(self) -> None:
         while True:
             self._do_commands()
+            self._resume_blocked()
+            self._start_runs()
             self._pay_wakes()
             if self._stopping:
                 for slot in list(self._running.values()):
                     self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "closed"), None)
+                self._abandon()
                 return
             now = time.monotonic()
             if self._timer is not None and self._timer <= now:
@@ -760,9 +1100,14 @@ class CurlTransport:
                 # transfer whose bytes it was about to read.
                 self._turn(0.0)
                 self._idle_check = self._check_idle(now)
+            self._wake_sleepers(now)
             wait = self._idle_check - now
             if self._timer is not None:
                 wait = min(wait, self._timer - now)
+            if self._sleepers:
+                wait = min(wait, self._sleepers[0][0] - now)
+            if self._commands or self._blocked or (self._queue and len(self._runs) < self._limit):
+                wait = 0.0  # posted from this thread (no wake-up written), or runnable now
             self._turn(max(0.0, wait))
 
     def _turn(self, wait: float) -> None:
@@ -801,16 +1146,7 @@ class CurlTransport:
                 continue  # about a transfer that is over: the handle has moved on
             running = id(slot.easy) in self._running
             if what == "add":
-                if t.guard.fired:
-                    # Cancelled or past its deadline before it could start.
-                    t.finish(pycurl.E_ABORTED_BY_CALLBACK, "stopped", "timeout")
-                elif not t.done and not t.closed:
-                    try:
-                        self._multi.add_handle(slot.easy)
-                    except pycurl.error as exc:
-                        t.finish(*_code_of(exc), "connection")
-                    else:
-                        self._running[id(slot.easy)] = slot
+                self._add(slot, t)
             elif what == "resume":
                 with t.cond:
                     t.paused = t.resuming = False
@@ -830,6 +1166,18 @@ class CurlTransport:
                 if running:
                     self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "closed"), "connection")
                 self._give_back(slot)
+
+    def _add(self, slot: _Slot, t: _Transfer) -> None:
+        if t.guard.fired:
+            # Cancelled or past its deadline before it could start.
+            t.finish(pycurl.E_ABORTED_BY_CALLBACK, "stopped", "timeout")
+        elif not t.done and not t.closed:
+            try:
+                self._multi.add_handle(slot.easy)
+            except pycurl.error as exc:
+                t.finish(*_code_of(exc), "connection")
+            else:
+                self._running[id(slot.easy)] = slot
 
     def _remove(self, slot: _Slot, result: tuple[int, str], failure: Failure | None) -> None:
         del self._running[id(slot.easy)]
