@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING
 
 from .downloader import Downloader, UrlInput, _input_items
@@ -62,5 +62,8 @@ def download_all(
                 if isinstance(url, str):
                     by_url[url] = fut
             futures.append(fut)
+        # One wake-up when all are done, not one per result: this thread would otherwise
+        # take the GIL from the downloads once per file.
+        wait(futures)
         results = [fut.result() for fut in futures]
     return Results(results, elapsed=time.monotonic() - start)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, TypeVar
 from .backends import Runner, Transport, open_transport
 from .deadline import Watchdog
 from .errors import FetchError
-from .naming import shown_input
 from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
@@ -116,11 +115,12 @@ class Downloader:
         weakref.finalize(self, _release, self._pipeline.pins, self._transport, self._watchdog)
         self._closed = False
         self._closing = False
-        self._cancelled_urls: deque[str] = deque()
+        self._cancelled_urls: deque[object] = deque()
         make_runner = getattr(self._transport, "runner", None)
         self._runner: Runner = (
             make_runner(workers) if make_runner is not None else _Threads(workers, self._transport)
         )
+        self._loop_prepares = make_runner is not None
 
     # -- public API -------------------------------------------------------------------
 
@@ -144,13 +144,17 @@ class Downloader:
         if filename is not None and not isinstance(filename, (str, os.PathLike)):
             raise TypeError(f"filename must be str or os.PathLike, not {type(filename).__name__}")
         self._emit(url, 0, None, "started")
+        if self._loop_prepares:
+            # The loop starts downloads one at a time in submit order: it validates and
+            # claims names itself, in that order, and this thread hands over no work.
+            future = self._runner.submit(partial(self._pipeline.steps_of, url, filename))
+            future.add_done_callback(partial(self._settle_cancelled, None, url))
+            return future
         try:
             task = self._pipeline.prepare(url, filename)
         except FetchError as exc:
-            result = DownloadResult(url=shown_input(url), path=None, status="failed", error=exc)
-            self._emit(result.url, 0, None, "failed")
             done: Future[DownloadResult] = Future()
-            done.set_result(result)
+            done.set_result(self._pipeline.refused(url, exc))
             return done
         try:
             future = self._runner.submit(partial(self._pipeline.steps, task))
@@ -158,20 +162,23 @@ class Downloader:
             # Closed meanwhile, or no thread could be started: the task never runs.
             self._pipeline.release_claims(task, None)
             raise
-        future.add_done_callback(partial(self._settle_cancelled, task))
+        future.add_done_callback(partial(self._settle_cancelled, task, task.url))
         return future
 
-    def _settle_cancelled(self, task: Task, future: Future[DownloadResult]) -> None:
+    def _settle_cancelled(
+        self, task: Task | None, url: object, future: Future[DownloadResult]
+    ) -> None:
         # A download cancelled before it started still owes its "failed" event and
         # its claims. During close() this runs under the executor's shutdown lock,
         # which a callback calling submit() may be waiting for: defer the event.
         if not future.cancelled():
             return
-        self._pipeline.release_claims(task, None)
+        if task is not None:
+            self._pipeline.release_claims(task, None)
         if self._closing:
-            self._cancelled_urls.append(task.url)
+            self._cancelled_urls.append(url)
         else:
-            self._emit(task.url, 0, None, "failed")
+            self._emit(url, 0, None, "failed")
 
     def map(self, urls: UrlInput) -> Iterator[DownloadResult]:
         """Download ``urls`` lazily, yielding results in input order.

@@ -38,6 +38,7 @@ from .naming import (
     redact_url,
     scrub,
     secrets_of,
+    shown_input,
     validate_url,
 )
 from .options import Options
@@ -150,6 +151,23 @@ class Pipeline:
             return Task(valid, origin, path, True, shown, secrets, claimed=[path])
         path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
         return Task(valid, origin, path, False, shown, secrets, claimed=[path])
+
+    def refused(self, url: object, error: FetchError) -> DownloadResult:
+        """The result of a URL that :meth:`prepare` refused (its "failed" event sent)."""
+        result = DownloadResult(url=shown_input(url), path=None, status="failed", error=error)
+        self._emit(result.url, 0, None, "failed")
+        return result
+
+    def steps_of(
+        self, url: object, filename: str | os.PathLike[str] | None
+    ) -> Steps[DownloadResult]:
+        """:meth:`prepare` and then :meth:`steps`, as one step (for a driver that starts
+        downloads in submit order)."""
+        try:
+            task = self.prepare(url, filename)
+        except FetchError as exc:
+            return self.refused(url, exc)
+        return (yield from self.steps(task))
 
     def run(self, task: Task) -> DownloadResult:
         """Download one prepared task on this thread; never raises for a failure."""
