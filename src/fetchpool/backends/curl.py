@@ -26,7 +26,7 @@ import itertools
 import logging
 import os
 import re
-import selectors
+import select
 import threading
 import time
 from collections import deque
@@ -89,6 +89,7 @@ _BUFFER_SIZE = 256 * 1024
 _PROXY_CACHE_HOSTS = 256
 #: In event mode, about how many buffered bytes one read step takes at once.
 _JOIN = 256 * 1024
+_BLANK_LINES = frozenset({b"\r\n", b"\n"})
 
 
 class CurlError(Exception):
@@ -165,11 +166,59 @@ def _without_dot_segments(url: str) -> str:
     return parts._replace(path=squashed).geturl()
 
 
+def _parse_head(lines: list[bytes]) -> tuple[int, str, CaseInsensitiveDict[str]]:
+    """Parse a response's status line and header lines (as libcurl hands them over)."""
+    headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+    status, reason = 0, ""
+    if lines:
+        first = lines[0].decode("latin-1").rstrip("\r\n")
+        if _STATUS_LINE.match(first):
+            parts = first.split(" ", 2)
+            status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            reason = parts[2].strip() if len(parts) > 2 else ""
+            lines = lines[1:]
+    for line in lines:
+        name, colon, value = line.decode("latin-1").partition(":")
+        if colon:
+            name, value = name.strip(), value.strip()
+            seen = headers.get(name)
+            headers[name] = value if seen is None else f"{seen}, {value}"
+    return status, reason, headers
+
+
 def _code_of(exc: pycurl.error) -> tuple[int, str]:
     """libcurl's code and message in a ``pycurl.error``."""
     if len(exc.args) == 2 and isinstance(exc.args[0], int):
         return exc.args[0], str(exc.args[1])
     return -1, str(exc)
+
+
+_IN, _OUT = select.POLLIN, select.POLLOUT
+_ERR = select.POLLERR | select.POLLHUP
+
+
+class _Poller:
+    """``epoll`` where there is one, else ``poll``: register, modify, unregister, poll."""
+
+    def __init__(self) -> None:
+        epoll = getattr(select, "epoll", None)
+        if epoll is not None:
+            self._impl: Any = epoll()
+            self._unit = 1.0  # epoll waits in seconds
+        else:  # pragma: no cover - not Linux
+            self._impl = select.poll()
+            self._unit = 1000.0  # poll in milliseconds
+        self.register = self._impl.register
+        self.modify = self._impl.modify
+        self.unregister = self._impl.unregister
+
+    def poll(self, wait: float) -> list[tuple[int, int]]:
+        return self._impl.poll(wait * self._unit)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        close = getattr(self._impl, "close", None)
+        if close is not None:
+            close()
 
 
 def _outcome(future: Future[Any]) -> tuple[Any, BaseException | None]:
@@ -217,6 +266,7 @@ class _Transfer:
         self.status = 0
         self.reason = ""
         self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+        self.lines: list[bytes] = []  # header lines of the response coming in (loop)
         self.ready = False  # the final response's headers are all in
         self.done = False  # libcurl finished (or the loop gave up on) the transfer
         self.code = 0
@@ -367,32 +417,22 @@ class _Slot:
         if t is None:
             return 0
         t.active = time.monotonic()
-        text = line.decode("latin-1").rstrip("\r\n")
-        if _STATUS_LINE.match(text):
-            # A new response (after a 1xx, or the first): start its headers afresh.
-            parts = text.split(" ", 2)
-            with t.cond:
-                t.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-                t.reason = parts[2].strip() if len(parts) > 2 else ""
-                t.headers = CaseInsensitiveDict()
+        if line not in _BLANK_LINES:
+            t.lines.append(line)  # parsed at the blank line that ends them: one pass
             return None
-        if text:
-            name, colon, value = text.partition(":")
-            if colon:
-                name, value = name.strip(), value.strip()
-                seen = t.headers.get(name)
-                t.headers[name] = value if seen is None else f"{seen}, {value}"
-            return None
-        if 100 <= t.status < 200:
-            return None
+        lines, t.lines = t.lines, []
+        status, reason, headers = _parse_head(lines)
         with t.cond:
+            t.status, t.reason, t.headers = status, reason, headers
+            if 100 <= status < 200:
+                return None  # an informational answer: the real one follows
             t.ready = True
         # The worker is woken once libcurl is done with this turn, not now: a small body
         # and the transfer's end usually come in the same turn, and one wake-up then
         # serves headers, body and end, where three hand-offs of the GIL did before.
         self._transport.owe_wake(t)
         # Only a 2xx body is ever read (DESIGN rule 7): end any other transfer now.
-        return None if 200 <= t.status < 300 else 0
+        return None if 200 <= status < 300 else 0
 
     def on_write(self, data: bytes) -> int | None:
         t = self.transfer
@@ -586,8 +626,13 @@ class CurlTransport:
         self._multi.setopt(pycurl.M_MAXCONNECTS, max(16, workers))
         self._multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
         self._multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._poller = _Poller()
+        self._poller.register(self._wake_r, _IN)
+        # Sockets watched, with their events; and those libcurl let go of but that stay
+        # watched until they stir: a kept-alive connection is let go of after every
+        # transfer and wanted again by the next one, two system calls saved each time.
+        self._watched: dict[int, int] = {self._wake_r: _IN}
+        self._idle_sockets: set[int] = set()
         self._timer: float | None = None
         self._owed: list[_Transfer] = []
         self._idle_check = 0.0
@@ -760,7 +805,7 @@ class CurlTransport:
         if self._helpers is not None:
             self._helpers.shutdown(wait=False)
         self._multi.close()
-        self._selector.close()
+        self._poller.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -996,32 +1041,37 @@ class CurlTransport:
     # -- loop thread ---------------------------------------------------------------------
 
     def _on_socket(self, what: int, fd: int, multi: object, data: object) -> None:
-        events = 0
-        if what & pycurl.POLL_IN:
-            events |= selectors.EVENT_READ
-        if what & pycurl.POLL_OUT:
-            events |= selectors.EVENT_WRITE
+        if what == pycurl.POLL_REMOVE:
+            if fd in self._watched:
+                self._idle_sockets.add(fd)
+            return
+        events = (_IN if what & pycurl.POLL_IN else 0) | (_OUT if what & pycurl.POLL_OUT else 0)
+        self._idle_sockets.discard(fd)
         # An exception here would escape socket_action() and end the loop: a socket the
-        # selector will not take is forgotten instead, and its transfer times out.
+        # poller will not take is forgotten instead, and its transfer times out.
         try:
-            if what == pycurl.POLL_REMOVE or not events:
-                self._forget(fd)
+            if self._watched.get(fd) == events:
                 return
-            try:
-                self._selector.modify(fd, events)
-            except KeyError:
-                self._selector.register(fd, events)
-        except (OSError, ValueError):
-            # A number the kernel reused behind the selector's back: start afresh.
+            if fd in self._watched:
+                self._poller.modify(fd, events)
+            else:
+                self._poller.register(fd, events)
+            self._watched[fd] = events
+        except OSError:
+            # A number the kernel reused (its old socket closed, and so unwatched by
+            # the kernel) behind our back: start afresh.
             self._forget(fd)
             try:
-                self._selector.register(fd, events)
-            except (OSError, ValueError, KeyError):
+                self._poller.register(fd, events)
+                self._watched[fd] = events
+            except OSError:
                 log.debug("curl loop: cannot watch socket %d", fd, exc_info=True)
 
     def _forget(self, fd: int) -> None:
+        self._watched.pop(fd, None)
+        self._idle_sockets.discard(fd)
         try:
-            self._selector.unregister(fd)
+            self._poller.unregister(fd)
         except (KeyError, ValueError, OSError):
             pass
 
@@ -1112,16 +1162,23 @@ class CurlTransport:
 
     def _turn(self, wait: float) -> None:
         """Wait up to ``wait`` seconds for sockets, and let libcurl act on them."""
-        for key, mask in self._selector.select(wait):
-            if key.fd == self._wake_r:
+        for fd, mask in self._poller.poll(wait):
+            if fd == self._wake_r:
                 self._drain_wake()
                 continue
+            if fd in self._idle_sockets:
+                # No transfer wants it (the server closing a kept-alive connection,
+                # say): stop watching it, and libcurl finds out when it next uses it.
+                self._forget(fd)
+                continue
             flags = 0
-            if mask & selectors.EVENT_READ:
+            if mask & _IN:
                 flags |= pycurl.CSELECT_IN
-            if mask & selectors.EVENT_WRITE:
+            if mask & _OUT:
                 flags |= pycurl.CSELECT_OUT
-            self._multi.socket_action(key.fd, flags)
+            if mask & _ERR:
+                flags |= pycurl.CSELECT_ERR
+            self._multi.socket_action(fd, flags)
         self._collect()
         self._pay_wakes()
 
