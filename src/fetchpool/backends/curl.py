@@ -89,6 +89,7 @@ _BUFFER_SIZE = 256 * 1024
 _PROXY_CACHE_HOSTS = 256
 #: In event mode, about how many buffered bytes one read step takes at once.
 _JOIN = 256 * 1024
+_START_EARLY_AFTER = 0.004
 _BLANK_LINES = frozenset({b"\r\n", b"\n"})
 
 
@@ -650,6 +651,7 @@ class CurlTransport:
         self._blocked: deque[tuple[_Run, Future[Any]]] = deque()  # under _lock
         self._helpers: ThreadPoolExecutor | None = None
         self._gone = False  # the loop drives no download any more (under _lock)
+        self._turn_began = 0.0
 
     # -- worker side ---------------------------------------------------------------------
 
@@ -865,18 +867,22 @@ class CurlTransport:
             if not self._unfinished:
                 self._all_done.notify_all()
 
-    def _start_runs(self) -> None:
+    def _start_runs(self) -> bool:
+        """Start queued downloads while there is room; return whether one started."""
+        started = False
         while len(self._runs) < self._limit:
             with self._lock:
                 if not self._queue:
-                    return
+                    return started
                 future, start = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
                 self._finished()
                 continue
             run = _Run(start(), future)
             self._runs.add(run)
+            started = True
             self._step(run, None, None)
+        return started
 
     def _step(self, run: _Run, value: Any, error: BaseException | None) -> None:
         """Resume ``run`` with ``value`` (or ``error``) and go on until it must wait."""
@@ -1121,6 +1127,20 @@ class CurlTransport:
                     if got is not None:
                         run.parked = None
                         self._step(run, *got)
+                        if run not in self._runs:
+                            self._start_early()
+
+    def _start_early(self) -> None:
+        # A download ended in a turn that has gone on for a while: start the next one
+        # and send its request now, rather than once every transfer that ended in this
+        # turn has been written. When many end at once (a latency-bound batch), the last
+        # would otherwise wait for them all. Not sooner: each early start is a pass of
+        # libcurl's, and starting in batches is cheaper when small files end in crowds.
+        now = time.monotonic()
+        if now - self._turn_began >= _START_EARLY_AFTER and self._start_runs():
+            self._turn_began = now
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+            self._collect()
 
     def idle_check_by(self, when: float) -> None:
         """Have the loop look for idle transfers no later than ``when`` (loop thread)."""
@@ -1162,7 +1182,9 @@ class CurlTransport:
 
     def _turn(self, wait: float) -> None:
         """Wait up to ``wait`` seconds for sockets, and let libcurl act on them."""
-        for fd, mask in self._poller.poll(wait):
+        events = self._poller.poll(wait)
+        self._turn_began = time.monotonic()
+        for fd, mask in events:
             if fd == self._wake_r:
                 self._drain_wake()
                 continue
