@@ -1106,3 +1106,34 @@ def test_keyboard_interrupt_cancels_curl_transfers_at_once(
         assert result.error.cancelled
     assert listing(dest) == []
     assert new_threads(threads_before) == []
+
+
+def test_a_new_socket_under_a_let_go_number_is_watched() -> None:
+    """libcurl closes a socket it let go of and opens another under the same number.
+
+    The loop keeps a let-go socket watched (a kept-alive connection is wanted again by
+    the next transfer), but the kernel stops watching a closed one: a new socket under
+    that number, asking for the same events, must be registered anew, or its transfer
+    hears nothing until it times out (seen as "Connection timed out after 10001 ms" on
+    retries of answers that closed their connection).
+    """
+    transport = CurlTransport(1)
+    old, old_peer = socket.socketpair()
+    try:
+        fd = old.fileno()
+        transport._on_socket(pycurl.POLL_IN, fd, None, None)
+        transport._on_socket(pycurl.POLL_REMOVE, fd, None, None)
+        old.close()
+        new, new_peer = socket.socketpair()
+        try:
+            if new.fileno() != fd:
+                pytest.skip("the kernel gave the new socket another number")
+            transport._on_socket(pycurl.POLL_IN, fd, None, None)
+            new_peer.send(b"x")
+            assert (fd, select.POLLIN) in transport._poller.poll(1.0)
+        finally:
+            new.close()
+            new_peer.close()
+    finally:
+        old_peer.close()
+        transport.close()

@@ -634,6 +634,7 @@ class CurlTransport:
         # transfer and wanted again by the next one, two system calls saved each time.
         self._watched: dict[int, int] = {self._wake_r: _IN}
         self._idle_sockets: set[int] = set()
+        self._sockets: dict[int, int] = {}  # watched socket -> its inode
         self._timer: float | None = None
         self._owed: list[_Transfer] = []
         self._idle_check = 0.0
@@ -1056,25 +1057,44 @@ class CurlTransport:
         # An exception here would escape socket_action() and end the loop: a socket the
         # poller will not take is forgotten instead, and its transfer times out.
         try:
-            if self._watched.get(fd) == events:
+            known = self._watched.get(fd)
+            if known == events and self._same_socket(fd):
                 return
-            if fd in self._watched:
+            if known is not None:
                 self._poller.modify(fd, events)
             else:
-                self._poller.register(fd, events)
+                self._register(fd, events)
             self._watched[fd] = events
         except OSError:
             # A number the kernel reused (its old socket closed, and so unwatched by
             # the kernel) behind our back: start afresh.
             self._forget(fd)
             try:
-                self._poller.register(fd, events)
+                self._register(fd, events)
                 self._watched[fd] = events
             except OSError:
                 log.debug("curl loop: cannot watch socket %d", fd, exc_info=True)
 
+    def _register(self, fd: int, events: int) -> None:
+        self._poller.register(fd, events)
+        self._sockets[fd] = os.fstat(fd).st_ino
+
+    def _same_socket(self, fd: int) -> bool:
+        # libcurl may close a socket it let go of (or, with a full connection cache,
+        # one it never let go of) and open another under the same number, which the
+        # kernel then watches for nobody: asking for the events we hold is no proof
+        # that the socket is the one we watch. Its inode is.
+        try:
+            same = os.fstat(fd).st_ino == self._sockets.get(fd)
+        except OSError:
+            same = False
+        if not same:
+            log.debug("curl loop: socket %d is a new one under an old number", fd)
+        return same
+
     def _forget(self, fd: int) -> None:
         self._watched.pop(fd, None)
+        self._sockets.pop(fd, None)
         self._idle_sockets.discard(fd)
         try:
             self._poller.unregister(fd)
