@@ -32,6 +32,7 @@ import requests
 import responses
 
 import fetchpool.backends._splice
+import fetchpool.storage
 import fetchpool.transfer
 from _support import listing
 from fetchpool import (
@@ -218,6 +219,19 @@ class SpliceCalls:
         self.file_writes = 0
         self.fault: Callable[[int, int], None] | None = None
         monkeypatch.setattr(os, "splice", self)
+        #: On the curl backend: how many bodies went into sink mode (the loop writing
+        #: the file from libcurl's write callback).
+        self.sinks = 0
+        if not self.requests:
+            from fetchpool.backends.curl import _Transfer  # pycurl may be missing
+
+            real_start = _Transfer.start_sink
+
+            def start_sink(t: _Transfer, sink: Any) -> tuple[int, bool]:
+                self.sinks += 1
+                return real_start(t, sink)
+
+            monkeypatch.setattr(_Transfer, "start_sink", start_sink)
 
     def __call__(self, src: int, dst: int, count: int, *args: Any, **kwargs: Any) -> int:
         if stat.S_ISSOCK(os.fstat(src).st_mode):
@@ -259,6 +273,8 @@ def test_big_body_is_spliced_byte_exact(
     if splices.requests:
         assert splices.socket_reads > 0
         assert splices.file_writes > 0
+    else:
+        assert splices.sinks == 1
     sizes = progress_sizes(events)
     assert sizes == sorted(sizes)
     assert sizes[-1] == SIZE
@@ -398,15 +414,28 @@ def test_body_past_content_length_never_reaches_the_file(
     assert splices.socket_reads >= 2 or not splices.requests
 
 
-@pytest.mark.requests_only
 def test_full_disk_is_a_storage_error_not_retried(
-    raw_server: RawServer, dest: Path, splices: SpliceCalls
+    raw_server: RawServer, dest: Path, splices: SpliceCalls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def full(src: int, dst: int) -> None:
         if stat.S_ISREG(os.fstat(dst).st_mode):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     splices.fault = full
+    if not splices.requests:
+        # The curl backend's sink writes what it gathered: the disk fills past 1 MiB.
+        real_write_all = fetchpool.storage._write_all
+        written = 0
+
+        def write_all(fd: int, data: bytes | memoryview) -> None:
+            nonlocal written
+            written += len(data)
+            if written > MiB:
+                splices.file_writes += 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_write_all(fd, data)
+
+        monkeypatch.setattr(fetchpool.storage, "_write_all", write_all)
     before = raw_server.requests
     (result,) = download_all([raw_server.url(uniq("full"))], dest, retry=quick(3))
     assert isinstance(result.error, StorageError)
@@ -414,6 +443,7 @@ def test_full_disk_is_a_storage_error_not_retried(
     assert result.attempts == 1
     assert raw_server.requests - before == 1
     assert splices.file_writes >= 1
+    assert splices.requests or splices.sinks == 1
     assert listing(dest) == []
 
 
