@@ -46,6 +46,7 @@ from fetchpool import (
     HTTPStatusError,
     NotAnImageError,
     ProgressEvent,
+    RetryPolicy,
     StorageError,
     TransferError,
     download_all,
@@ -1137,3 +1138,97 @@ def test_a_new_socket_under_a_let_go_number_is_watched() -> None:
     finally:
         old_peer.close()
         transport.close()
+
+
+# ---------------------------------------------------------------------- the loop's futures
+
+
+def test_a_blocking_done_callback_holds_no_other_download(
+    server: ImageServer, dest: Path, each_backend: str
+) -> None:
+    """A caller's done-callback may block (process the file, wait for another download).
+
+    The curl loop completes every future: it runs callers' callbacks on threads of
+    their own, so one that blocks holds neither the other downloads nor a cancel.
+    """
+    release = threading.Event()
+    with Downloader(dest, workers=4, backend=each_backend) as dl:
+        first = dl.submit(server.url(f"/any/{uniq()}"))
+        first.add_done_callback(lambda _: release.wait(10))
+        later = dl.submit(server.url(f"/slow/{uniq()}?delay=0.3"))
+        waiting = dl.submit(server.url(f"/slow/{uniq()}?delay=30"))
+        closing = threading.Thread(target=dl.close, kwargs={"cancel": True})
+        try:
+            assert later.result(timeout=5).ok
+            assert first.result(timeout=0).ok
+            # close() waits for the callback, as a thread pool's shutdown does; the
+            # download in flight is cancelled meanwhile all the same.
+            closing.start()
+            error = waiting.result(timeout=2).error
+            assert isinstance(error, TransferError)
+            assert error.cancelled
+        finally:
+            release.set()
+            if closing.is_alive():
+                closing.join(5)
+
+
+def test_a_done_callback_raising_system_exit_leaves_the_loop_running(
+    server: ImageServer, dest: Path
+) -> None:
+    with Downloader(dest, workers=2, backend="curl") as dl:
+        first = dl.submit(server.url(f"/any/{uniq()}"))
+        first.add_done_callback(lambda _: sys.exit("stop"))
+        others = [dl.submit(server.url(f"/slow/{uniq()}?delay=0.2")) for _ in range(3)]
+        assert all(f.result(timeout=10).ok for f in others)
+        transport = dl._transport
+        assert isinstance(transport, CurlTransport)
+        assert transport._failed is None
+    assert not transport._unfinished
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_download_waiting_to_retry_when_the_loop_fails_gets_a_transfer_error(
+    server: ImageServer, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It finishes on a thread of its own, its retry state intact (tenacity's is per thread)."""
+    real = CurlTransport._wake_sleepers
+
+    def broken(self: CurlTransport, now: float) -> None:
+        if self._sleepers:
+            raise RuntimeError("the loop broke while a download slept")
+        real(self, now)
+
+    monkeypatch.setattr(CurlTransport, "_wake_sleepers", broken)
+    policy = RetryPolicy(attempts=4, wait_initial=0.2, jitter=0)
+    with Downloader(dest, workers=2, backend="curl", retry=policy) as dl:
+        result = dl.submit(server.url(f"/fail/1/503/{uniq()}")).result(timeout=30)
+    assert isinstance(result.error, TransferError), result.error
+    assert "the curl loop failed" in str(result.error)
+    assert listing(dest) == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failed_loop_finishes_its_queue_on_a_few_threads(
+    server: ImageServer, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every future completes, on at most ``workers`` fall-back threads, not one each."""
+    turns = itertools.count()
+    real = CurlTransport._wake_sleepers
+
+    def broken(self: CurlTransport, now: float) -> None:
+        if next(turns) == 5:
+            raise RuntimeError("the loop broke")
+        real(self, now)
+
+    monkeypatch.setattr(CurlTransport, "_wake_sleepers", broken)
+    peak = 0
+    with Downloader(dest, workers=2, backend="curl") as dl:
+        futures = [dl.submit(server.url(f"/slow/{uniq()}?delay=0.05")) for _ in range(300)]
+        for future in futures:
+            while not future.done():
+                fallbacks = [t for t in threading.enumerate() if "fallback" in t.name]
+                peak = max(peak, len(fallbacks))
+                time.sleep(0.001)
+    assert all(f.done() for f in futures)
+    assert 1 <= peak <= 2

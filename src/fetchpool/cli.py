@@ -32,6 +32,7 @@ from types import FrameType
 from typing import Final, TextIO
 
 from . import __version__
+from .backends import on_done
 from .downloader import Downloader
 from .errors import FetchError, InvalidURL, TransferError
 from .naming import redact_url
@@ -609,7 +610,7 @@ class _Feeder(threading.Thread):
                 if self._stop.is_set() or (future := self._submit(row)) is None:
                     return
                 self.submitted += 1
-                future.add_done_callback(partial(self._finished, row))
+                on_done(future, partial(self._finished, row))  # a put: quick
         except UsageError as exc:
             self.error = str(exc)
         except Exception as exc:  # a bug: say so, and end the input

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from .backends import Runner, Transport, open_transport
+from .backends import Runner, Transport, on_done, open_transport
 from .deadline import Watchdog
 from .errors import FetchError
 from .options import Options, make_options
@@ -148,7 +148,7 @@ class Downloader:
             # The loop starts downloads one at a time in submit order: it validates and
             # claims names itself, in that order, and this thread hands over no work.
             future = self._runner.submit(partial(self._pipeline.steps_of, url, filename))
-            future.add_done_callback(partial(self._settle_cancelled, None, url))
+            on_done(future, partial(self._settle_cancelled, None, url))
             return future
         try:
             task = self._pipeline.prepare(url, filename)
@@ -162,7 +162,7 @@ class Downloader:
             # Closed meanwhile, or no thread could be started: the task never runs.
             self._pipeline.release_claims(task, None)
             raise
-        future.add_done_callback(partial(self._settle_cancelled, task, task.url))
+        on_done(future, partial(self._settle_cancelled, task, task.url))
         return future
 
     def _settle_cancelled(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import tenacity
 
@@ -204,6 +204,30 @@ def call_with_retries(
     return run(retrying(policy, step, cancel=cancel, before_retry=before_retry, start=start))
 
 
+class _Retrying(tenacity.Retrying):
+    """A ``Retrying`` whose state is its own, not its thread's.
+
+    tenacity keeps ``statistics`` and ``iter_state`` in a ``threading.local``; the steps
+    below may be resumed on another thread than the one that began them (the curl
+    loop's downloads finish on fall-back threads when the loop stops), where tenacity
+    would find them empty (``KeyError: 'idle_for'``).
+    """
+
+    @property
+    def statistics(self) -> dict[str, Any]:
+        stats: dict[str, Any] | None = self.__dict__.get("_own_statistics")
+        if stats is None:
+            stats = self.__dict__["_own_statistics"] = {}
+        return stats
+
+    @property
+    def iter_state(self) -> Any:
+        state = self.__dict__.get("_own_iter_state")
+        if state is None:
+            state = self.__dict__["_own_iter_state"] = tenacity.IterState()
+        return state
+
+
 def retrying(
     policy: RetryPolicy,
     attempt: Callable[[int, float], Steps[T]],
@@ -260,9 +284,7 @@ def retrying(
         if before_retry is not None and exc is not None:
             before_retry(exc, state.attempt_number, state.upcoming_sleep)
 
-    retrying = tenacity.Retrying(
-        stop=stop, wait=wait, retry=retry, before_sleep=notify, reraise=True
-    )
+    retrying = _Retrying(stop=stop, wait=wait, retry=retry, before_sleep=notify, reraise=True)
     # Tenacity's own iteration sleeps inside it; driven by hand (as its __iter__ does),
     # the sleep is a step instead.
     retrying.begin()

@@ -35,6 +35,7 @@ __all__ = [
     "attempt_error",
     "check_guard",
     "describe",
+    "on_done",
     "open_transport",
 ]
 
@@ -161,6 +162,16 @@ class Runner(Protocol):
     def wake(self) -> None:
         """Look again at the downloads waiting to retry (the cancel event was set)."""
         ...
+
+
+def on_done(future: Future[T], fn: Callable[[Future[T]], object]) -> None:
+    """Call fetchpool's own ``fn(future)`` once ``future`` is done, where it completes.
+
+    A runner may hand callers' done-callbacks to threads of their own (the curl
+    backend's loop does, so that none can hold every download); ``fn`` is quick and
+    never blocks, and runs where the future completes, with no hand-off.
+    """
+    Future.add_done_callback(future, fn)
 
 
 class BodyEnded(Exception):

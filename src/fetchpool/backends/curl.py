@@ -45,7 +45,7 @@ from requests.utils import get_environ_proxies, select_proxy
 
 from .. import __version__
 from ..deadline import Guard
-from ..errors import FetchError
+from ..errors import FetchError, TransferError
 from ..retry import CLOCK
 from ..steps import Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
@@ -231,6 +231,54 @@ def _outcome(future: Future[Any]) -> tuple[Any, BaseException | None]:
     """A finished future's result, as a step resumes with it."""
     error = future.exception()
     return (None, error) if error is not None else (future.result(), None)
+
+
+class _LoopFuture(Future[T]):
+    """A future the loop thread completes; its callers' done-callbacks run elsewhere.
+
+    The loop runs every download: a callback run there that blocks (one that processes
+    the file, or waits for another download) would hold them all, and cancellation
+    with them. Callbacks added once it is done run at once, on the adding thread, as
+    on any future; fetchpool's own quick ones use :func:`fetchpool.backends.on_done`.
+    """
+
+    def __init__(self, transport: CurlTransport) -> None:
+        super().__init__()
+        self._transport = transport
+
+    def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
+        if self.done():
+            super().add_done_callback(fn)
+        else:
+            super().add_done_callback(partial(self._transport.call_back, fn))
+
+
+_in_callback = threading.local()
+
+
+def _call(fn: Callable[[Future[Any]], object], future: Future[Any]) -> None:
+    _in_callback.active = True
+    try:
+        fn(future)
+    except BaseException:  # the caller's (a SystemExit too): logged, as futures log theirs
+        log.exception("a done-callback of %r raised", future)
+    finally:
+        _in_callback.active = False
+
+
+def _complete(future: Future[Any], value: Any, error: BaseException | None) -> None:
+    """Set ``future``'s outcome; a done-callback raising a BaseException is logged.
+
+    concurrent.futures already logs a callback's ``Exception``; a ``SystemExit`` (say)
+    would escape into the loop and end it, failing every other download.
+    """
+    try:
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+    except BaseException:  # a user callback's (SystemExit...), not the loop's
+        log.exception("a done-callback of %r raised", future)
 
 
 def _basic_auth(user: str, password: str) -> str:
@@ -695,7 +743,9 @@ class CurlTransport:
         # steps the loop drives, at most _limit at once (loop thread).
         self._limit = workers
         self._queue: deque[tuple[Future[Any], Callable[[], Steps[Any]]]] = deque()
-        self._unfinished = 0
+        # Futures submitted and not yet completed (a set, not a counter: a KeyboardInterrupt
+        # landing between two statements of submit() must not leave it skewed for good).
+        self._unfinished: set[Future[Any]] = set()
         self._all_done = threading.Condition(self._lock)
         self._runs: set[_Run] = set()
         self._sleepers: list[tuple[float, int, _Run, threading.Event]] = []
@@ -703,6 +753,9 @@ class CurlTransport:
         self._rouse = False
         self._blocked: deque[tuple[_Run, Future[Any]]] = deque()  # under _lock
         self._helpers: ThreadPoolExecutor | None = None
+        self._callbacks: ThreadPoolExecutor | None = None  # callers' done-callbacks
+        self._falling: deque[tuple[_Run, Any, BaseException | None]] = deque()  # under _lock
+        self._fallers = 0  # threads draining _falling (under _lock)
         self._gone = False  # the loop drives no download any more (under _lock)
         self._turn_began = 0.0
 
@@ -783,13 +836,18 @@ class CurlTransport:
             FetchError: the guard fired, the URL is refused, or the transport is closed.
         """
         check_guard(guard, request.shown, "requesting")
-        if self._closed:
-            raise attempt_error(
-                "connection", request.shown, "requesting", "the transport is closed", guard
+        if self._closed or self._failed is not None:
+            detail = (
+                "the transport is closed"
+                if self._closed
+                else f"the curl loop failed: {self._failed!r}"
             )
-        if self._failed is not None:
-            detail = f"the curl loop failed: {self._failed!r}"
-            raise attempt_error("connection", request.shown, "requesting", detail, guard)
+            error = attempt_error("connection", request.shown, "requesting", detail, guard)
+            if isinstance(error, TransferError):
+                # No later attempt can heal it: fail now rather than sleep through retries
+                # (on a fall-back thread each, or all of them on a few).
+                error.retryable = False
+            raise error
         connect, read = request.timeout
         slot = self._slot()
         easy = slot.easy
@@ -857,8 +915,9 @@ class CurlTransport:
             slot.easy.close()
         self._slots.clear()
         self._free.clear()
-        if self._helpers is not None:
-            self._helpers.shutdown(wait=False)
+        for helpers in (self._helpers, self._callbacks):
+            if helpers is not None:
+                helpers.shutdown(wait=False)
         self._multi.close()
         self._poller.close()
         os.close(self._wake_r)
@@ -881,12 +940,12 @@ class CurlTransport:
         Raises:
             RuntimeError: the transport is closed.
         """
-        future: Future[T] = Future()
+        future: Future[T] = _LoopFuture(self)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("cannot submit to a closed transport")
             self._queue.append((future, start))
-            self._unfinished += 1
+            self._unfinished.add(future)
             self._start_thread()
             gone = self._gone
         if gone:
@@ -902,11 +961,28 @@ class CurlTransport:
                 self._queue.clear()
             for future, _ in queued:
                 future.cancel()
-                self._finished()
+                self._finished(future)
         if wait and threading.current_thread() is not self._thread:
             with self._lock:
                 while self._unfinished:
                     self._all_done.wait()
+        if self._callbacks is not None:
+            # As a thread pool's shutdown waits for the callbacks its workers run; not
+            # from one of those callbacks (it would wait for itself).
+            self._callbacks.shutdown(wait=wait and not getattr(_in_callback, "active", False))
+
+    def call_back(self, fn: Callable[[Future[Any]], object], future: Future[Any]) -> None:
+        """Run a caller's done-callback of ``future`` off the loop thread."""
+        with self._lock:
+            if self._callbacks is None:
+                self._callbacks = ThreadPoolExecutor(
+                    self._limit, thread_name_prefix="fetchpool-callback"
+                )
+            callbacks = self._callbacks
+        try:
+            callbacks.submit(_call, fn, future)
+        except RuntimeError:  # shut down (a callback added late, after close()): run it here
+            _call(fn, future)
 
     def wake(self) -> None:
         """Look again at the downloads waiting to retry (the cancel event was set)."""
@@ -914,9 +990,9 @@ class CurlTransport:
             self._rouse = True
         self._wake()
 
-    def _finished(self) -> None:
+    def _finished(self, future: Future[Any]) -> None:
         with self._lock:
-            self._unfinished -= 1
+            self._unfinished.discard(future)
             if not self._unfinished:
                 self._all_done.notify_all()
 
@@ -929,7 +1005,7 @@ class CurlTransport:
                     return started
                 future, start = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
-                self._finished()
+                self._finished(future)
                 continue
             run = _Run(start(), future)
             self._runs.add(run)
@@ -1059,11 +1135,10 @@ class CurlTransport:
 
     def _run_done(self, run: _Run, value: Any, error: BaseException | None) -> None:
         self._runs.discard(run)
-        if error is None:
-            run.future.set_result(value)
-        else:
-            run.future.set_exception(error)
-        self._finished()
+        try:
+            _complete(run.future, value, error)
+        finally:
+            self._finished(run.future)
 
     def _block(self, run: _Run, call: Callable[[], Any]) -> None:
         if self._helpers is None:
@@ -1131,19 +1206,52 @@ class CurlTransport:
             if future.set_running_or_notify_cancel():
                 self._fall_back(_Run(start(), future), None, None)
             else:
-                self._finished()
+                self._finished(future)
 
     def _fall_back(self, run: _Run, value: Any, error: BaseException | None) -> None:
-        def drive() -> None:
-            try:
-                result = run_steps(run.steps, self, value, error)
-            except BaseException as exc:  # noqa: BLE001 - the future's to report
-                run.future.set_exception(exc)
+        # At most _limit threads drain the fall-backs, however many downloads were
+        # queued: one thread each could be thousands at once, and a thread that cannot
+        # start must not strand its future.
+        with self._lock:
+            self._falling.append((run, value, error))
+            spawn = self._fallers < self._limit
+            self._fallers += spawn
+        if not spawn:
+            return
+        try:
+            threading.Thread(
+                target=self._drain_falling, name="fetchpool-curl-fallback", daemon=True
+            ).start()
+        except BaseException:  # noqa: BLE001 - no thread (RuntimeError, MemoryError)
+            with self._lock:
+                self._fallers -= 1
+                orphaned = not self._fallers
+            if orphaned:
+                self._drain_falling(spawned=False)  # nobody else will: end them here
             else:
-                run.future.set_result(result)
-            self._finished()
+                log.debug("curl loop: no thread for a fall-back; the others drain it")
 
-        threading.Thread(target=drive, name="fetchpool-curl-fallback", daemon=True).start()
+    def _drain_falling(self, spawned: bool = True) -> None:
+        while True:
+            with self._lock:
+                if not self._falling:
+                    self._fallers -= spawned
+                    return
+                run, value, error = self._falling.popleft()
+            if spawned:
+                try:
+                    result = run_steps(run.steps, self, value, error)
+                except BaseException as exc:  # noqa: BLE001 - the future's to report
+                    outcome: tuple[Any, BaseException | None] = (None, exc)
+                else:
+                    outcome = (result, None)
+            else:
+                run.steps.close()  # its claims, lock and temporary file go
+                outcome = (None, RuntimeError("no thread to finish the download on"))
+            try:
+                _complete(run.future, *outcome)
+            finally:
+                self._finished(run.future)
 
     # -- loop thread ---------------------------------------------------------------------
 
