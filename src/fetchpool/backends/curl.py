@@ -1198,7 +1198,17 @@ class CurlTransport:
         for run in runs:
             parked = run.parked
             if isinstance(parked, _Transfer):
-                self._fall_back(run, *(self._answer(parked) or (None, None)))
+                got = self._answer(parked)
+                if got is None:
+                    # Every transfer is ended before this, so its answer is ready; were
+                    # one not, the step must fail: a read given nothing would end the
+                    # body where it stands.
+                    during = "while reading" if parked.replied else "requesting"
+                    error = attempt_error(
+                        "connection", parked.request.shown, during, "the loop stopped", None
+                    )
+                    got = (None, error)
+                self._fall_back(run, *got)
             elif parked is None:
                 self._fall_back(run, None, None)
             # A run in a blocking call falls back when the call returns (_unblocked).
