@@ -30,17 +30,16 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, overload
 from urllib.parse import urlsplit
 
 import certifi
 import pycurl
 from requests.exceptions import RequestException
 from requests.models import PreparedRequest
-from requests.structures import CaseInsensitiveDict
 from requests.utils import get_environ_proxies, select_proxy
 
 from .. import __version__
@@ -172,9 +171,64 @@ def _without_dot_segments(url: str) -> str:
     return parts._replace(path=squashed).geturl()
 
 
-def _parse_head(lines: list[bytes]) -> tuple[int, str, CaseInsensitiveDict[str]]:
-    """Parse a response's status line and header lines (as libcurl hands them over)."""
-    headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+class _Headers(Mapping[str, str]):
+    """A response's header fields: looked up whatever the case, listed as they were sent.
+
+    What requests' ``CaseInsensitiveDict`` gives, read-only, with a ``get`` of its own:
+    that one (``Mapping.get``) raised and caught a ``KeyError`` for every field a
+    response lacks, four of the six looked up per file. Filled by :func:`_parse_head`.
+    """
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: dict[str, tuple[str, str]] | None = None) -> None:
+        #: Lower-cased name -> (the name as sent, the value).
+        self._store: dict[str, tuple[str, str]] = {} if store is None else store
+
+    def __getitem__(self, name: str) -> str:
+        return self._store[name.lower()][1]
+
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | T) -> str | T: ...
+    def get(self, name: str, /, default: object = None) -> object:
+        """The value of ``name`` (any case), or ``default`` if the response has none."""
+        item = self._store.get(name.lower())
+        return default if item is None else item[1]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._store
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, _ in self._store.values())
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __eq__(self, other: object) -> bool:
+        # As CaseInsensitiveDict compares: names in any case.
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        mine = {key: value for key, (_, value) in self._store.items()}
+        return mine == {str(k).lower(): v for k, v in other.items()}
+
+    __hash__ = None  # type: ignore[assignment]  # compared by content, as a dict
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+#: The headers of a transfer whose answer has not come yet (never changed: shared).
+_NO_HEADERS = _Headers()
+
+
+def _parse_head(lines: list[bytes]) -> tuple[int, str, _Headers]:
+    """Parse a response's status line and header lines (as libcurl hands them over).
+
+    A field sent more than once has its values joined with ``", "``.
+    """
+    store: dict[str, tuple[str, str]] = {}
     status, reason = 0, ""
     if lines:
         first = lines[0].decode("latin-1").rstrip("\r\n")
@@ -186,10 +240,12 @@ def _parse_head(lines: list[bytes]) -> tuple[int, str, CaseInsensitiveDict[str]]
     for line in lines:
         name, colon, value = line.decode("latin-1").partition(":")
         if colon:
-            name, value = name.strip(), value.strip()
-            seen = headers.get(name)
-            headers[name] = value if seen is None else f"{seen}, {value}"
-    return status, reason, headers
+            name = name.strip()
+            key = name.lower()
+            seen = store.get(key)
+            value = value.strip()
+            store[key] = (name, value) if seen is None else (name, f"{seen[1]}, {value}")
+    return status, reason, _Headers(store)
 
 
 def _code_of(exc: pycurl.error) -> tuple[int, str]:
@@ -303,7 +359,7 @@ def _ca_bundle() -> str:
 class _Transfer:
     """One request in flight: what the loop thread fills and the worker reads.
 
-    Every field is guarded by ``cond``'s lock, except those only the loop touches.
+    Every field is guarded by ``lock`` (``cond``'s), except those only the loop touches.
     """
 
     def __init__(
@@ -316,10 +372,14 @@ class _Transfer:
         self.run: _Run | None = None
         self.owed = False  # a wake-up is owed to its waiter at the end of this turn
         self.replied = False  # the reply was handed over
-        self.cond = threading.Condition(threading.Lock())
+        # The slot's: a Condition is costly to make (Python code), and the slot has
+        # one transfer at a time. ``with t.lock`` where only exclusion is needed: a
+        # Condition's __enter__ is a Python call too, the lock's is not.
+        self.lock = slot.lock
+        self.cond = slot.cond
         self.status = 0
         self.reason = ""
-        self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
+        self.headers = _NO_HEADERS
         self.lines: list[bytes] = []  # header lines of the response coming in (loop)
         self.ready = False  # the final response's headers are all in
         self.done = False  # libcurl finished (or the loop gave up on) the transfer
@@ -348,7 +408,7 @@ class _Transfer:
 
     def finish(self, code: int, message: str, failure: Failure | None = None) -> None:
         """Mark the transfer ended (loop thread) and wake whoever waits on it."""
-        with self.cond:
+        with self.lock:
             if self.spooled and self.sink is not None:
                 self.slot.flush(self, self.sink)
             self.done = True
@@ -366,9 +426,9 @@ class _Transfer:
         step then writes what libcurl gave in 16 KiB callbacks.
 
         Returns it with whether the caller must now ask the loop to resume the transfer
-        (it was paused, and enough of its buffer is taken). ``cond`` must not be held.
+        (it was paused, and enough of its buffer is taken). ``lock`` must not be held.
         """
-        with self.cond:
+        with self.lock:
             if self.chunks:
                 data: bytes | None = self.chunks.popleft()
                 assert data is not None
@@ -390,12 +450,12 @@ class _Transfer:
         """Write what is buffered into ``sink`` and have the loop write the rest there.
 
         Returns how many bytes were written here, and whether the caller must now ask
-        the loop to resume the transfer. ``cond`` must not be held.
+        the loop to resume the transfer. ``lock`` must not be held.
 
         Raises:
             StorageError: from ``sink``; the loop then writes nothing.
         """
-        with self.cond:
+        with self.lock:
             # Under the lock, so that no block lands between what is buffered and the
             # first one the loop writes: the file gets the body in order.
             flushed = 0
@@ -412,13 +472,13 @@ class _Transfer:
 
     def stop_sink(self) -> None:
         """Have the loop write no more into the sink: its file may go right after."""
-        with self.cond:
+        with self.lock:
             self.sink = None
             self.closed = self.closed or not self.done
 
     def wait_headers(self, given_up: Callable[[], bool]) -> bool:
         """Wait until the headers are in (``True``) or the transfer ended without them."""
-        with self.cond:
+        with self.lock:
             while not self.ready and not self.done and not given_up():
                 self.cond.wait(0.5)
             return self.ready
@@ -463,6 +523,8 @@ class _Slot:
     def __init__(self, transport: CurlTransport) -> None:
         self._transport = self.transport = transport
         self.transfer: _Transfer | None = None
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.proxy: str | None = None
         self.connect_ms = -1
         self.pipewait = 0
@@ -513,7 +575,7 @@ class _Slot:
             return None
         lines, t.lines = t.lines, []
         status, reason, headers = _parse_head(lines)
-        with t.cond:
+        with t.lock:
             t.status, t.reason, t.headers = status, reason, headers
             if 100 <= status < 200:
                 return None  # an informational answer: the real one follows
@@ -530,7 +592,7 @@ class _Slot:
         if t is None:
             return 0
         t.active = time.monotonic()
-        with t.cond:
+        with t.lock:
             sink = t.sink
             if sink is None:
                 if t.closed:  # the worker is done with it (and may have dropped its file)
@@ -560,7 +622,7 @@ class _Slot:
         return None
 
     def flush(self, t: _Transfer, sink: SpliceSink) -> bool:
-        """Write what ``t`` spooled into ``sink`` (``t.cond`` held); ``False`` if it failed."""
+        """Write what ``t`` spooled into ``sink`` (``t.lock`` held); ``False`` if it failed."""
         assert self.spool is not None
         try:
             with memoryview(self.spool) as view:
@@ -575,7 +637,7 @@ class _Slot:
 
     @staticmethod
     def _buffer(t: _Transfer, data: bytes) -> int | None:
-        """Keep ``data`` for the worker (``t.cond`` held), or pause when it is behind."""
+        """Keep ``data`` for the worker (``t.lock`` held), or pause when it is behind."""
         if t.buffered >= _HIGH_WATER:
             # libcurl hands the same bytes again once unpaused.
             t.paused = True
@@ -605,7 +667,7 @@ class CurlReply:
         """Yield the body as libcurl delivers it (framing removed, encoding kept)."""
         t = self._t
         while True:
-            with t.cond:
+            with t.lock:
                 while not t.chunks and not t.done:
                     t.waiting = True
                     t.cond.wait(0.5)
@@ -661,7 +723,7 @@ class CurlReply:
             self._transport.post("resume", self._slot, t)
         counted = 0
         while True:
-            with t.cond:
+            with t.lock:
                 while not t.done and t.sunk - counted < _SINK_REPORT:
                     t.waiting = True
                     t.cond.wait(0.5)
@@ -686,7 +748,7 @@ class CurlReply:
     def close(self) -> None:
         """End the transfer if it is still running, and give its handle back."""
         t = self._t
-        with t.cond:
+        with t.lock:
             t.closed = True
             t.chunks.clear()
             t.buffered = 0
@@ -1079,7 +1141,7 @@ class CurlTransport:
         """Count what the loop wrote of ``t``; once it ended, what its splice returns."""
         moved = t.moved
         assert moved is not None
-        with t.cond:
+        with t.lock:
             sunk, done = t.sunk, t.done
             if done:
                 t.sink = None
@@ -1358,7 +1420,7 @@ class CurlTransport:
                 t.owed = False
                 run = t.run
                 if run is None:
-                    with t.cond:
+                    with t.lock:
                         t.cond.notify_all()
                 elif run.parked is t:
                     got = self._answer(t)
@@ -1465,7 +1527,7 @@ class CurlTransport:
             if what == "add":
                 self._add(slot, t)
             elif what == "resume":
-                with t.cond:
+                with t.lock:
                     t.paused = t.resuming = False
                 if running and not t.closed:
                     # Held back by us until now, not idle: the read timeout starts again.
