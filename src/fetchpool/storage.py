@@ -285,8 +285,23 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_LOCK_FILES.reset)
 
 
+#: Directory -> the path of its lock file, for absolute directories (a relative one's
+#: follows the working directory). Every download asks (abspath costs more than the
+#: lock itself); bounded like :data:`_UNNAMED_OK`: past the limit it starts again.
+_LOCK_PATHS: dict[str, str] = {}
+_LOCK_PATHS_MAX = 1024
+
+
 def _lock_file_path(directory: Path) -> str:
-    return os.path.join(os.path.abspath(directory), LOCK_FILE_NAME)
+    where = str(directory)
+    path = _LOCK_PATHS.get(where)
+    if path is None:
+        path = os.path.join(os.path.abspath(where), LOCK_FILE_NAME)
+        if os.path.isabs(where):
+            if len(_LOCK_PATHS) >= _LOCK_PATHS_MAX:
+                _LOCK_PATHS.clear()
+            _LOCK_PATHS[where] = path
+    return path
 
 
 class Pins:
@@ -468,22 +483,26 @@ class Existing:
     origin: str | None = None
 
 
-def inspect_target(final: Path) -> Existing:
+_NOTHING = Existing("none")
+_OTHER = Existing("other")
+
+
+def inspect_target(final: Path | str) -> Existing:
     """Look at ``final`` without following a symlink there."""
     try:
         st = os.lstat(final)
     except FileNotFoundError:
-        return Existing("none")
+        return _NOTHING
     except NotADirectoryError:
-        return Existing("other")
+        return _OTHER
     if stat.S_ISLNK(st.st_mode):
-        return Existing("none")
+        return _NOTHING
     if not stat.S_ISREG(st.st_mode):
-        return Existing("other")
+        return _OTHER
     return Existing("file", st.st_size, read_origin(final))
 
 
-def read_origin(path: Path) -> str | None:
+def read_origin(path: Path | str) -> str | None:
     """Return the origin URL recorded on ``path``, or ``None`` if there is none."""
     getxattr = getattr(os, "getxattr", None)
     if getxattr is None:
@@ -784,7 +803,10 @@ def _create_named(path: Path) -> int:
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
+    written = os.write(fd, data)
+    if written == len(data):
+        return  # nearly always, into a regular file: no view to make
+    view = memoryview(data)[written:]
     while view:
         view = view[os.write(fd, view) :]
 
@@ -805,7 +827,7 @@ def _link_unnamed(fd: int, path: Path) -> bool:
 
 
 def _set_origin(fd: int, origin: str) -> bool:
-    setxattr = getattr(os, "setxattr", None)
+    setxattr = _SETXATTR
     if setxattr is None:
         return False
     try:
@@ -815,6 +837,9 @@ def _set_origin(fd: int, origin: str) -> bool:
             return False
         raise
     return True
+
+
+_SETXATTR = getattr(os, "setxattr", None)
 
 
 def _fsync_dir(directory: Path) -> None:
