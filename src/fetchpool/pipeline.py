@@ -240,13 +240,13 @@ class Pipeline:
         self._ensure_dir(task)
         if self.opts.content_disposition and not task.caller_named:
             # The name may come with the headers: settle it inside the attempt.
-            return (yield from self._with_retries(task, None, attempts, start))
+            return (yield from self._with_retries(task, None, None, attempts, start))
         lock, path, early = yield from self._settle(task, task.path)
         if early is not None:
             return early
         assert lock is not None
         try:
-            return (yield from self._with_retries(task, path, attempts, start))
+            return (yield from self._with_retries(task, path, lock.key, attempts, start))
         finally:
             lock.release()
 
@@ -326,13 +326,15 @@ class Pipeline:
             return lock, path, None
 
     def _with_retries(
-        self, task: Task, path: Path | None, attempts: list[int], start: float
+        self, task: Task, path: Path | None, key: str | None, attempts: list[int], start: float
     ) -> Steps[Outcome]:
+        """Run the attempts into ``path`` (its :func:`lock_key` is ``key``, held), or
+        into the name the headers give, with both ``None``."""
         shown = task.shown
 
         def attempt(number: int, time_left: float) -> Steps[Outcome]:
             attempts[0] = number
-            return self._attempt(task, path, time_left)
+            return self._attempt(task, path, key, time_left)
 
         def before_retry(exc: BaseException, number: int, wait: float) -> None:
             log.info("retrying %s in %.1f s after attempt %d: %s", shown, wait, number, exc)
@@ -348,7 +350,9 @@ class Pipeline:
             )
         )
 
-    def _attempt(self, task: Task, path: Path | None, time_left: float) -> Steps[Outcome]:
+    def _attempt(
+        self, task: Task, path: Path | None, key: str | None, time_left: float
+    ) -> Steps[Outcome]:
         shown = task.shown
         if self._cancel.is_set():
             raise Cancelled
@@ -376,8 +380,11 @@ class Pipeline:
                     )
                     if early is not None:
                         return early
+                    assert lock is not None
+                    key = lock.key
+                assert key is not None
                 try:
-                    return (yield from self._receive(task, path, reply, guard))
+                    return (yield from self._receive(task, path, key, reply, guard))
                 finally:
                     if lock is not None:
                         lock.release()
@@ -392,7 +399,9 @@ class Pipeline:
         task.claimed.append(path)
         return path
 
-    def _receive(self, task: Task, path: Path, reply: Reply, guard: Guard) -> Steps[Outcome]:
+    def _receive(
+        self, task: Task, path: Path, key: str, reply: Reply, guard: Guard
+    ) -> Steps[Outcome]:
         shown = task.shown
         body = Body(reply, shown, self.opts.max_bytes, guard)
         content_type = reply.headers.get("Content-Type")
@@ -408,12 +417,19 @@ class Pipeline:
             raise NotAnImageError(
                 f"{shown} is not an image ({what}, starts with {head[:16]!r})", url=shown
             )
-        return (yield from self._write(task, path, head, body, content_type))
+        return (yield from self._write(task, path, key, head, body, content_type))
 
     def _write(
-        self, task: Task, path: Path, head: bytes, body: Body, content_type: str | None
+        self,
+        task: Task,
+        path: Path,
+        key: str,
+        head: bytes,
+        body: Body,
+        content_type: str | None,
     ) -> Steps[Outcome]:
-        tmp = TempFile(path.parent, lock_key(path), task.shown)
+        # ``key``: the held lock's, computed once (a SHA-256 of the name).
+        tmp = TempFile(path.parent, key, task.shown)
         url = task.url
         try:
             if head:
