@@ -81,9 +81,6 @@ class Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with self._watchdog.lock:
-            self._active = False
-            self._stop = None
         self._watchdog.forget(self)
 
 
@@ -128,8 +125,10 @@ class Watchdog:
         return g
 
     def forget(self, g: Guard) -> None:
-        """Drop a finished guard (its heap entry is discarded lazily)."""
-        with self.lock:
+        """Drop a finished guard: it fires no more (its heap entry is discarded lazily)."""
+        with self.lock:  # one acquisition per attempt for all of it
+            g._active = False
+            g._stop = None
             self._active.discard(g)
             # Most guards finish long before their deadline: compact now and then so
             # the heap stays proportional to the attempts in flight.
