@@ -45,6 +45,13 @@ _MAX_EXT_CHARS = 16
 _HASH_CHARS = 10
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
+#: An http(s) URL that :func:`validate_url` accepts with no further look: lower-case
+#: scheme, a plain host (no user-info, no brackets), digits for a port, printable ASCII.
+_PLAIN_HTTP_URL = re.compile(r"https?://[A-Za-z0-9.\-]+(?::([0-9]{1,5}))?(?:[/?#][\x21-\x7e]*)?")
+#: A name that :func:`sanitize` leaves as it is (but for the reserved names and length):
+#: ASCII word characters, ``-``, ``~`` and ``+``, single dots inside only.
+_PLAIN_NAME = re.compile(r"[\w\-~+]+(?:\.[\w\-~+]+)*", re.ASCII)
+_DOTS = re.compile(r"\.{2,}")
 _WINDOWS_RESERVED = frozenset(
     {"CON", "PRN", "AUX", "NUL"}
     | {f"COM{i}" for i in range(1, 10)}
@@ -61,6 +68,10 @@ def validate_url(url: object) -> str:
     """
     if not isinstance(url, str):
         raise InvalidURL(f"not a URL string: {type(url).__name__}", url=repr(url)[:200])
+    plain = _PLAIN_HTTP_URL.fullmatch(url)
+    if plain is not None and 0 < int(plain.group(1) or 80) <= 65535:
+        # The usual shape, which all the checks below would pass, known in one match.
+        return url
     shown = redact_url(url)
     if _CONTROL_OR_SPACE.search(url):
         raise InvalidURL(f"URL contains whitespace or control characters: {shown!r}", url=shown)
@@ -162,10 +173,14 @@ def sanitize(name: str) -> str:
     dots and surrounding spaces are stripped and runs of dots collapse (so no ``..``,
     no hidden or reserved names); the result is bounded to 200 UTF-8 bytes, keeping the extension.
     """
+    if _PLAIN_NAME.fullmatch(name) and len(name) < _MAX_NAME_BYTES:
+        # Nearly every name: nothing below would change it but a reserved stem (the
+        # "_" then fits in the bound).
+        return "_" + name if name.partition(".")[0].upper() in _WINDOWS_RESERVED else name
     name = unicodedata.normalize("NFC", name)
     name = name.replace("/", "_").replace("\\", "_")
     name = _CONTROL.sub("", name)
-    name = re.sub(r"\.{2,}", ".", name)
+    name = _DOTS.sub(".", name)
     name = name.strip().lstrip(".").rstrip(". ")
     if not name:
         return ""
