@@ -733,7 +733,7 @@ def _open_unnamed(directory: Path) -> int | None:
         return None
     try:
         # Readable too, for the copy in TempFile._copy_to_named.
-        fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
+        fd = os.open(where, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             _remember(where, False)
