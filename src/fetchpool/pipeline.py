@@ -76,6 +76,9 @@ class Task:
     #: The URL as messages show it (no user-info), and what messages must not show.
     shown: str
     secrets: tuple[str, ...]
+    #: The directory of ``path``, and of every other path the task may take (a derived or
+    #: Content-Disposition name is always a sibling): kept, not made again from ``path``.
+    directory: Path
     #: Every claim taken for this task (derived and Content-Disposition names too).
     claimed: list[Path] = field(default_factory=list)
 
@@ -148,9 +151,9 @@ class Pipeline:
                     f"({shown})",
                     url=shown,
                 )
-            return Task(valid, origin, path, True, shown, secrets, claimed=[path])
+            return Task(valid, origin, path, True, shown, secrets, path.parent, claimed=[path])
         path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
-        return Task(valid, origin, path, False, shown, secrets, claimed=[path])
+        return Task(valid, origin, path, False, shown, secrets, self.dest, claimed=[path])
 
     def refused(self, url: object, error: FetchError) -> DownloadResult:
         """The result of a URL that :meth:`prepare` refused (its "failed" event sent)."""
@@ -215,7 +218,7 @@ class Pipeline:
     def release_claims(self, task: Task, outcome: Outcome | None) -> None:
         """End the task's name claims; the name of a finished file may be kept for good."""
         for path in task.claimed:
-            mine = outcome is not None and path == outcome.path
+            mine = outcome is not None and (path is outcome.path or path == outcome.path)
             keep = task.caller_named or (
                 mine and outcome is not None and (self.claims.remember or not outcome.recorded)
             )
@@ -251,8 +254,8 @@ class Pipeline:
             lock.release()
 
     def _ensure_dir(self, task: Task) -> None:
-        parent = task.path.parent
-        if parent == self.dest:
+        parent = task.directory
+        if parent is self.dest or parent == self.dest:
             return
         shown = task.shown
         try:
@@ -289,7 +292,7 @@ class Pipeline:
         may_derive = not task.caller_named
         while True:
             lock = PathLock(
-                path.parent, lock_key(path), self._cancel, shown, timeout=self.opts.retry.budget
+                task.directory, lock_key(path), self._cancel, shown, timeout=self.opts.retry.budget
             )
             if not lock.acquire(blocking=False):
                 # Another writer has it: wait where waiting holds up no other download.
@@ -304,7 +307,7 @@ class Pipeline:
                 if found.kind == "file" and foreign and may_derive:
                     # Another URL's file holds the plain name: use this URL's own name.
                     lock.release()
-                    path = child_path(path.parent, derived_name(path.name, task.url))
+                    path = child_path(task.directory, derived_name(path.name, task.url))
                     self.claims.add(path, task.origin)
                     task.claimed.append(path)
                     may_derive = False
@@ -429,7 +432,7 @@ class Pipeline:
         content_type: str | None,
     ) -> Steps[Outcome]:
         # ``key``: the held lock's, computed once (a SHA-256 of the name).
-        tmp = TempFile(path.parent, key, task.shown)
+        tmp = TempFile(task.directory, key, task.shown)
         url = task.url
         try:
             if head:
