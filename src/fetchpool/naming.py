@@ -47,7 +47,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CONTROL_OR_SPACE = re.compile(r"[\x00-\x1f\x7f-\x9f\s]")
 #: An http(s) URL that :func:`validate_url` accepts with no further look: lower-case
 #: scheme, a plain host (no user-info, no brackets), digits for a port, printable ASCII.
-_PLAIN_HTTP_URL = re.compile(r"https?://[A-Za-z0-9.\-]+(?::([0-9]{1,5}))?(?:[/?#][\x21-\x7e]*)?")
+#: Its groups: the port, and the path (as ``urlsplit`` would give it: up to ``?`` or ``#``).
+_PLAIN_HTTP_URL = re.compile(
+    r"https?://[A-Za-z0-9.\-]+(?::([0-9]{1,5}))?"
+    r"(/[\x21\x22\x24-\x3e\x40-\x7e]*)?(?:[?#][\x21-\x7e]*)?"
+)
 #: A name that :func:`sanitize` leaves as it is (but for the reserved names and length):
 #: ASCII word characters, ``-``, ``~`` and ``+``, single dots inside only.
 _PLAIN_NAME = re.compile(r"[\w\-~+]+(?:\.[\w\-~+]+)*", re.ASCII)
@@ -212,7 +216,8 @@ def name_from_url(url: str) -> str:
     A URL with no usable last segment (``http://host/``, ``/%2e%2e/``) gets the stable
     derived name ``download-<hash>``.
     """
-    path = urlsplit(url).path
+    plain = _PLAIN_HTTP_URL.fullmatch(url)
+    path = (plain.group(2) or "") if plain is not None else urlsplit(url).path
     segment = path.rsplit("/", 1)[-1]
     name = sanitize(unquote(segment, errors="replace"))
     return name or f"download-{url_hash(url)}"

@@ -170,6 +170,8 @@ def content_length(headers: Mapping[str, str], shown: str) -> int | None:
     if "chunked" in headers.get("Transfer-Encoding", "").lower():
         # Transfer-Encoding wins over Content-Length (RFC 9112 6.3).
         return None
+    if _is_decimal(raw):
+        return int(raw)  # the usual one: no list, no spaces
     values = {v.strip() for v in raw.split(",")}
     if len(values) != 1 or not _is_decimal(next(iter(values))):
         raise TransferError(
