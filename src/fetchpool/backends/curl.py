@@ -527,6 +527,7 @@ class _Slot:
         self.cond = threading.Condition(self.lock)
         self.proxy: str | None = None
         self.connect_ms = -1
+        self.header_lines: list[str] | None = None
         self.pipewait = 0
         self.spool: bytearray | None = None  # sink mode's buffer, made when first needed
         easy = pycurl.Curl()
@@ -925,7 +926,11 @@ class CurlTransport:
             raise attempt_error(
                 "invalid-url", request.shown, "requesting", describe(exc, request.secrets), guard
             ) from exc
-        easy.setopt(pycurl.HTTPHEADER, header_lines)
+        if header_lines != slot.header_lines:
+            # Nearly always the same lines as the handle's last request: pycurl would
+            # build libcurl's list of them anew.
+            easy.setopt(pycurl.HTTPHEADER, header_lines)
+            slot.header_lines = header_lines
         connect_ms = max(1, int(connect * 1000))
         if connect_ms != slot.connect_ms:
             easy.setopt(pycurl.CONNECTTIMEOUT_MS, connect_ms)
