@@ -128,6 +128,7 @@ class Pipeline:
         self.pins = Pins()
         self._sweep(dest)
         self.claims = Claims(remember=not supports_xattrs(dest))
+        self._header_secrets = secrets_of("", opts.headers)
 
     # -- preparing a task (caller's thread) --------------------------------------------
 
@@ -141,7 +142,8 @@ class Pipeline:
         valid = validate_url(url)
         origin = origin_url(valid)
         shown = redact_url(valid)
-        secrets = secrets_of(valid, self.opts.headers)
+        # A URL without user-info has the headers' secrets only: the same for every URL.
+        secrets = secrets_of(valid, self.opts.headers) if "@" in valid else self._header_secrets
         if filename is not None:
             relative = check_relative_filename(filename, valid)
             path = self.dest.joinpath(*relative.parts)
