@@ -442,9 +442,10 @@ class Pipeline:
                 self._emit(url, tmp.size, body.total, "progress")
             # A big plain-HTTP body goes socket to file by splice(2); reading then only
             # ends it (or reads all of the rest where it cannot be spliced).
-            yield from body.splice_into(
-                tmp, lambda: self._emit(url, tmp.size, body.total, "progress")
-            )
+            if body.may_splice():
+                yield from body.splice_into(
+                    tmp, lambda: self._emit(url, tmp.size, body.total, "progress")
+                )
             reported = tmp.size
             while chunk := (yield from body.read()):
                 tmp.write(chunk)

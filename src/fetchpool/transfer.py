@@ -290,6 +290,15 @@ class Body:
             url=self.shown,
         )
 
+    def may_splice(self) -> bool:
+        """Whether :meth:`splice_into` may move anything: an identity body of known length
+        with at least :data:`SPLICE_MIN` bytes left (a small file need not make the step)."""
+        return (
+            self.decoder is None
+            and self.length is not None
+            and self.length - self.received >= SPLICE_MIN
+        )
+
     def splice_into(self, sink: SpliceSink, progress: Callable[[], None]) -> Steps[bool]:
         """Have the backend move the rest of the body straight into ``sink``, if it can.
 
@@ -310,9 +319,8 @@ class Body:
             TransferError: reset, read timeout, deadline, cancellation or truncation.
             StorageError: from ``sink``.
         """
-        if self.decoder is not None or self.length is None:
-            return False
-        if self.length - self.received < SPLICE_MIN:
+        length = self.length
+        if length is None or not self.may_splice():
             return False
         reported = self.received
 
@@ -326,7 +334,7 @@ class Body:
                 progress()
 
         try:
-            done: bool = yield Splice(self.reply, sink, self.length - self.received, moved)
+            done: bool = yield Splice(self.reply, sink, length - self.received, moved)
         except BodyEnded:
             raise self._truncated() from None
         return done
