@@ -44,7 +44,7 @@ from .naming import (
 from .options import Options
 from .progress import Emitter
 from .results import DownloadResult
-from .retry import CLOCK, retrying
+from .retry import CLOCK, is_retryable, retrying
 from .sniff import SNIFF_BYTES, sniff_image
 from .steps import Block, Steps, run
 from .storage import (
@@ -335,6 +335,17 @@ class Pipeline:
     ) -> Steps[Outcome]:
         """Run the attempts into ``path`` (its :func:`lock_key` is ``key``, held), or
         into the name the headers give, with both ``None``."""
+        policy = self.opts.retry
+        # Most downloads succeed at once: the first attempt runs here, and the retry
+        # machinery (its closures, its generator, tenacity) is set up once it failed.
+        attempts[0] = 1
+        try:
+            time_left = policy.budget - (CLOCK.monotonic() - start)
+            return (yield from self._attempt(task, path, key, time_left))
+        except Exception as exc:
+            if policy.attempts <= 1 or not is_retryable(exc):
+                raise
+            failed = exc
         shown = task.shown
 
         def attempt(number: int, time_left: float) -> Steps[Outcome]:
@@ -347,11 +358,12 @@ class Pipeline:
 
         return (
             yield from retrying(
-                self.opts.retry,
+                policy,
                 attempt,
                 cancel=self._cancel,
                 before_retry=before_retry,
                 start=start,
+                failed=failed,
             )
         )
 

@@ -235,6 +235,7 @@ def retrying(
     cancel: threading.Event,
     before_retry: Callable[[BaseException, int, float], None] | None = None,
     start: float | None = None,
+    failed: Exception | None = None,
 ) -> Steps[T]:
     """Run the step ``attempt(number, time_left)`` until it succeeds or retrying must stop.
 
@@ -242,6 +243,9 @@ def retrying(
     :data:`CLOCK` reading; default now); the attempt should not run longer. The last
     error is re-raised when retries stop. Waits are :class:`~fetchpool.steps.Sleep`
     steps: a driver with an event loop holds no thread while one passes.
+
+    ``failed``: the retryable error of attempt 1, which the caller ran itself (its own
+    fast path); the retries then go on from there, numbered and timed as they would.
     """
     if start is None:
         start = CLOCK.monotonic()
@@ -253,12 +257,14 @@ def retrying(
     # (whose bookkeeping costs a noticeable share of a small file's CPU time) only once
     # it failed. Tenacity's attempt 1 then replays that failure, so numbering, waits and
     # the budget are the same as if it had run the first attempt itself.
-    try:
-        return (yield from attempt(1, policy.budget - elapsed()))
-    except Exception as exc:
-        if policy.attempts <= 1 or not is_retryable(exc):
-            raise
-        first = exc
+    if failed is None:
+        try:
+            return (yield from attempt(1, policy.budget - elapsed()))
+        except Exception as exc:
+            if policy.attempts <= 1 or not is_retryable(exc):
+                raise
+            failed = exc
+    first = failed
 
     def wait(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
