@@ -53,6 +53,8 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def _request_headers(headers: Mapping[str, str], cross_origin: bool) -> dict[str, str]:
+    if not headers:
+        return {"Accept-Encoding": "identity"}  # the default: nothing to look through
     sent = dict(headers)
     if not any(name.lower() == "accept-encoding" for name in sent):
         sent["Accept-Encoding"] = "identity"
