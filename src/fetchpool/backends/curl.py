@@ -415,7 +415,10 @@ class _Transfer:
             self.code = code
             self.message = message
             self.failure = failure
-            self.cond.notify_all()
+            if self.run is None or self.waiting:
+                # A blocked worker may wait (event mode's steps wait on nothing but
+                # the loop, and a plain Lock's Condition costs four Python calls here).
+                self.cond.notify_all()
         if self.run is not None:
             self.slot.transport.owe_wake(self)
 
