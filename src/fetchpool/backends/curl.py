@@ -779,6 +779,7 @@ class CurlTransport:
         self._commands: deque[tuple[str, _Slot, _Transfer]] = deque()
         self._proxies: dict[str, str] = {}
         self._thread: threading.Thread | None = None
+        self._loop_ident: int | None = None  # the loop thread's, while it runs
         self._stopping = False
         self._closed = False
         self._releaser: threading.Thread | None = None
@@ -872,7 +873,8 @@ class CurlTransport:
 
     def _wake(self) -> None:
         """Make the loop look at its commands soon (it does anyway when this is it)."""
-        if threading.current_thread() is self._thread:
+        # get_ident() is C; current_thread() is a Python call, twice a file here.
+        if threading.get_ident() == self._loop_ident:
             return
         with self._lock:
             wake = not self._woken
@@ -1393,6 +1395,7 @@ class CurlTransport:
         self._timer = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000
 
     def _run(self) -> None:
+        self._loop_ident = threading.get_ident()
         try:
             self._loop()
             if threading.current_thread() is self._thread and self._closed:
@@ -1414,6 +1417,8 @@ class CurlTransport:
                 t.finish(-1, f"internal error: {exc!r}", "connection")
             self._abandon()
             raise
+        finally:
+            self._loop_ident = None  # a thread started later may get the same number
 
     def owe_wake(self, t: _Transfer) -> None:
         """Wake ``t``'s worker at the end of this turn of the loop (loop thread)."""
