@@ -452,8 +452,10 @@ class PathLock:
         entry, tlock = self._entry, self._tlock
         self._entry = self._tlock = None
         if entry is not None:
-            with contextlib.suppress(OSError):
+            try:
                 _unlock(entry.fd, self._offset)
+            except OSError:  # not contextlib.suppress: three Python calls, every file
+                pass
             _LOCK_FILES.checkin(self._path, entry)
         if tlock is not None:
             tlock.release()
