@@ -1232,3 +1232,29 @@ def test_a_failed_loop_finishes_its_queue_on_a_few_threads(
                 time.sleep(0.001)
     assert all(f.done() for f in futures)
     assert 1 <= peak <= 2
+
+
+def test_slow_file_creation_is_moved_off_the_loop(
+    server: ImageServer, dest: Path, monkeypatch: pytest.MonkeyPatch, each_backend: str
+) -> None:
+    """Where creating a file is slow (ext4 can take half a millisecond), the curl loop
+    has a helper thread create it and goes on meanwhile; the requests worker does it."""
+    from fetchpool import storage
+
+    monkeypatch.setattr(storage, "SLOW_CREATION", 0.0)  # every directory is slow
+    creators: list[str] = []
+    real_init = storage.TempFile.__init__
+
+    def init(tmp: storage.TempFile, *args: object, **kwargs: object) -> None:
+        creators.append(threading.current_thread().name)
+        real_init(tmp, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(storage.TempFile, "__init__", init)
+    urls = [server.url(f"/any/{uniq()}") for _ in range(6)]
+    results = download_all(urls, dest, workers=3, backend=each_backend)
+    assert all(r.ok for r in results), [r.error for r in results]
+    creators.remove("MainThread")  # the Downloader's probe of xattr support
+    assert len(creators) == 6
+    expected = "fetchpool-wait_" if each_backend == "curl" else "fetchpool_"
+    assert all(name.startswith(expected) for name in creators), creators
+    assert sorted(listing(dest)) == sorted(Path(r.path or "").name for r in results)

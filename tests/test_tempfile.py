@@ -301,3 +301,28 @@ def test_the_check_of_unnamed_files_runs_once_per_directory(
     assert len(created) == 1, created  # one named probe, for the first file only
     assert created[0].endswith(".part")
     assert listing(dest) == ["a.png", "b.png", "c.png"]
+
+
+def test_creation_is_judged_slow_on_what_it_took_of_late(tmp_path: Path) -> None:
+    directory = tmp_path / "judged"
+    directory.mkdir()
+    assert not fetchpool.storage.slow_to_create(directory)  # never seen: not slow
+    fetchpool.storage._note_creation(directory, 1e-3)
+    assert fetchpool.storage.slow_to_create(directory)
+    for _ in range(40):  # fast again: the smoothed cost falls back under the mark
+        fetchpool.storage._note_creation(directory, 5e-6)
+    assert not fetchpool.storage.slow_to_create(directory)
+    fetchpool.storage._note_creation(directory, 1.0)  # one stall among fast ones flips it...
+    assert fetchpool.storage.slow_to_create(directory)
+    for _ in range(20):
+        fetchpool.storage._note_creation(directory, 5e-6)
+    assert not fetchpool.storage.slow_to_create(directory)  # ...for a while only
+
+
+def test_a_temp_file_notes_how_long_its_creation_took(tmp_path: Path) -> None:
+    fetchpool.storage._CREATION_COST.pop(str(tmp_path), None)
+    tmp = fetchpool.storage.TempFile(tmp_path, fetchpool.storage.lock_key(tmp_path / "x.png"))
+    try:
+        assert 0 < fetchpool.storage._CREATION_COST[str(tmp_path)] < 5
+    finally:
+        tmp.discard()

@@ -55,6 +55,7 @@ from .storage import (
     child_path,
     inspect_target,
     lock_key,
+    slow_to_create,
     supports_xattrs,
     sweep,
 )
@@ -446,7 +447,13 @@ class Pipeline:
         content_type: str | None,
     ) -> Steps[Outcome]:
         # ``key``: the held lock's, computed once (a SHA-256 of the name).
-        tmp = TempFile(task.directory, key, task.shown)
+        directory = task.directory
+        if slow_to_create(directory):
+            # Where creating a file takes long, a driver that runs many downloads on
+            # one thread has it done on another, and goes on with the others meanwhile.
+            tmp: TempFile = yield Block(partial(TempFile, directory, key, task.shown))
+        else:
+            tmp = TempFile(directory, key, task.shown)
         url = task.url
         try:
             if head:

@@ -516,6 +516,36 @@ def read_origin(path: Path | str) -> str | None:
     return value.decode("utf-8", "replace")
 
 
+#: Directory -> how long creating a file there took of late (seconds, smoothed).
+_CREATION_COST: dict[str, float] = {}
+_CREATION_COST_MAX = 1024
+#: Creating a file costs this long or more: it is worth a thread of its own.
+SLOW_CREATION = 150e-6
+_CREATION_SAMPLE_MAX = 2e-3
+
+
+def _note_creation(directory: Path, seconds: float) -> None:
+    where = str(directory)
+    cost = _CREATION_COST.get(where)
+    if cost is None and len(_CREATION_COST) >= _CREATION_COST_MAX:
+        _CREATION_COST.clear()
+    # Smoothed over the last eight or so, each capped: a stall (the disk, a GIL wait)
+    # counts as a slow creation, not as a hundred.
+    seconds = min(seconds, _CREATION_SAMPLE_MAX)
+    _CREATION_COST[where] = seconds if cost is None else cost + (seconds - cost) / 8
+
+
+def slow_to_create(directory: Path) -> bool:
+    """Whether creating a file in ``directory`` took long of late (see :class:`TempFile`).
+
+    On some filesystems it takes over half a millisecond (ext4 allocating an inode in a
+    directory where many files came and went), against a few microseconds on tmpfs: a
+    driver running many downloads on one thread then has it done on another, where the
+    kernel's time overlaps its own.
+    """
+    return _CREATION_COST.get(str(directory), 0.0) >= SLOW_CREATION
+
+
 class TempFile:
     """A temporary file beside a final path, committed atomically.
 
@@ -543,6 +573,7 @@ class TempFile:
         self.key = key
         self.path: Path | None = None
         self.size = 0
+        began = time.perf_counter()
         try:
             self._fd: int | None = _open_unnamed(directory) if UNNAMED else None
             if self._fd is None:
@@ -550,6 +581,7 @@ class TempFile:
                 self._fd = _create_named(self.path)
         except OSError as exc:
             raise self._error("cannot create a file in", directory, exc) from exc
+        _note_creation(directory, time.perf_counter() - began)
 
     def _new_name(self) -> Path:
         return _part_name(self._directory, self.key)
