@@ -1173,18 +1173,19 @@ def test_a_blocking_done_callback_holds_no_other_download(
                 closing.join(5)
 
 
-def test_a_done_callback_raising_system_exit_leaves_the_loop_running(
-    server: ImageServer, dest: Path
+def test_a_done_callback_raising_system_exit_stops_no_other_download(
+    server: ImageServer, dest: Path, each_backend: str
 ) -> None:
-    with Downloader(dest, workers=2, backend="curl") as dl:
+    with Downloader(dest, workers=2, backend=each_backend) as dl:
         first = dl.submit(server.url(f"/any/{uniq()}"))
         first.add_done_callback(lambda _: sys.exit("stop"))
         others = [dl.submit(server.url(f"/slow/{uniq()}?delay=0.2")) for _ in range(3)]
         assert all(f.result(timeout=10).ok for f in others)
         transport = dl._transport
-        assert isinstance(transport, CurlTransport)
-        assert transport._failed is None
-    assert not transport._unfinished
+        if isinstance(transport, CurlTransport):
+            assert transport._failed is None  # the loop lives on
+    if isinstance(transport, CurlTransport):
+        assert not transport._unfinished
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
