@@ -1259,3 +1259,48 @@ def test_slow_file_creation_is_moved_off_the_loop(
     expected = "fetchpool-wait_" if each_backend == "curl" else "fetchpool_"
     assert all(name.startswith(expected) for name in creators), creators
     assert sorted(listing(dest)) == sorted(Path(r.path or "").name for r in results)
+
+
+def test_done_callbacks_of_one_future_run_in_the_order_added(
+    server: ImageServer, dest: Path, each_backend: str
+) -> None:
+    order: list[str] = []
+    both = threading.Event()
+    first_may_end = threading.Event()
+
+    def first(_: object) -> None:
+        # Ends once the second ran, if that one runs beside it; in order, after 0.2 s.
+        first_may_end.wait(0.2)
+        order.append("first")
+
+    def second(_: object) -> None:
+        order.append("second")
+        first_may_end.set()
+        both.set()
+
+    with Downloader(dest, workers=2, backend=each_backend) as dl:
+        future = dl.submit(server.url(f"/slow/{uniq()}?delay=0.3"))
+        future.add_done_callback(first)
+        future.add_done_callback(second)
+        assert both.wait(5)
+    assert order == ["first", "second"]
+
+
+def test_callbacks_of_downloads_cancelled_by_close_run_off_the_loop(
+    server: ImageServer, dest: Path
+) -> None:
+    """close(cancel=True) ends the transfers before it waits: their futures' callbacks
+    must still run on the callback threads, not on the loop one after another."""
+    names: list[str] = []
+    dl = Downloader(dest, workers=4, backend="curl")
+    with dl:
+        warm = dl.submit(server.url(f"/any/{uniq()}"))
+        warm.add_done_callback(lambda _: None)  # the callback threads exist from here
+        assert warm.result(timeout=5).ok
+        futures = [dl.submit(server.url(f"/drip/{uniq()}?interval=0.05")) for _ in range(3)]
+        for future in futures:
+            future.add_done_callback(lambda _: names.append(threading.current_thread().name))
+        wait_for(lambda: held_locks(dest) == 3, 5, "three transfers in flight")
+        dl.close(cancel=True)
+    assert len(names) == 3
+    assert all(name.startswith("fetchpool-callback") for name in names), names

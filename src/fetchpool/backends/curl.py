@@ -301,25 +301,43 @@ class _LoopFuture(Future[T]):
     def __init__(self, transport: CurlTransport) -> None:
         super().__init__()
         self._transport = transport
+        # The callers' callbacks added before it is done, handed off together (so they
+        # run in the order they were added, as on any future); None once handed off.
+        self._callers: list[Callable[[Future[T]], object]] | None = []
+        super().add_done_callback(self._hand_off)
 
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
-        if self.done():
-            super().add_done_callback(fn)
-        else:
-            super().add_done_callback(partial(self._transport.call_back, fn))
+        with self._condition:
+            callers = self._callers
+            if callers is not None:
+                callers.append(fn)
+                return
+        super().add_done_callback(fn)  # done and handed off: runs at once, here
+
+    def _hand_off(self, future: Future[T]) -> None:
+        with self._condition:
+            callers, self._callers = self._callers, None
+        if callers:
+            self._transport.call_back(callers, self)
 
 
 _in_callback = threading.local()
 
 
-def _call(fn: Callable[[Future[Any]], object], future: Future[Any]) -> None:
+def _call(fns: list[Callable[[Future[Any]], object]], future: Future[Any]) -> None:
     _in_callback.active = True
     try:
-        fn(future)
-    except BaseException:  # the caller's (a SystemExit too): logged, as futures log theirs
-        log.exception("a done-callback of %r raised", future)
+        for fn in fns:
+            _call_one(fn, future)
     finally:
         _in_callback.active = False
+
+
+def _call_one(fn: Callable[[Future[Any]], object], future: Future[Any]) -> None:
+    try:
+        fn(future)
+    except BaseException:  # the caller's (a SystemExit too): logged, as futures do
+        log.exception("a done-callback of %r raised", future)
 
 
 def _complete(future: Future[Any], value: Any, error: BaseException | None) -> None:
@@ -1038,13 +1056,15 @@ class CurlTransport:
             with self._lock:
                 while self._unfinished:
                     self._all_done.wait()
-        if self._callbacks is not None:
+        if wait and self._callbacks is not None:
             # As a thread pool's shutdown waits for the callbacks its workers run; not
-            # from one of those callbacks (it would wait for itself).
-            self._callbacks.shutdown(wait=wait and not getattr(_in_callback, "active", False))
+            # from one of those callbacks (it would wait for itself). Only once every
+            # download is done: the callbacks of those still running (close(cancel=True)
+            # shuts down without waiting first) must not run on the loop thread.
+            self._callbacks.shutdown(wait=not getattr(_in_callback, "active", False))
 
-    def call_back(self, fn: Callable[[Future[Any]], object], future: Future[Any]) -> None:
-        """Run a caller's done-callback of ``future`` off the loop thread."""
+    def call_back(self, fn: list[Callable[[Future[Any]], object]], future: Future[Any]) -> None:
+        """Run a caller's done-callbacks of ``future``, in order, off the loop thread."""
         with self._lock:
             if self._callbacks is None:
                 self._callbacks = ThreadPoolExecutor(
