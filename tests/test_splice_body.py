@@ -279,8 +279,9 @@ def test_big_body_is_spliced_byte_exact(
     assert sizes == sorted(sizes)
     assert sizes[-1] == SIZE
     assert all(e.total == SIZE for e in events if e.state == "progress")
-    # One event per MiB or so, not one per socket read.
-    assert len(sizes) <= 3 + SIZE // fetchpool.transfer.SPLICE_BLOCK
+    # One event per MiB or so: not one per socket read, nor a few lumps on a fast link.
+    assert len(sizes) >= SIZE // fetchpool.transfer.SPLICE_BLOCK, sizes
+    assert len(sizes) <= 3 + SIZE // fetchpool.transfer.SPLICE_BLOCK, sizes
     assert listing(dest) == [result.path.name]
 
 

@@ -636,11 +636,24 @@ class _Slot:
                     spool.extend(bytes(end - _SPOOL))
             spool[start:end] = data
             t.spooled = end
-            if t.sunk - t.reported >= _SINK_REPORT:
-                if t.waiting:
-                    t.cond.notify()
-                elif t.run is not None and not t.owed:
-                    t.slot.transport.owe_wake(t)
+            due = t.sunk - t.reported
+            if due < _SINK_REPORT:
+                return None
+            if t.waiting:
+                t.cond.notify()
+                return None
+            moved = t.moved
+            if moved is None:
+                return None
+            t.reported = t.sunk
+        # Event mode: counted here, not at the end of the turn, which on a fast link may
+        # come many MiB later (progress events would come in lumps). Out of the lock: it
+        # runs the caller's progress callback.
+        try:
+            moved(due)
+        except Exception as exc:  # noqa: BLE001 - the steps raise it, once the transfer ended
+            t.sink_error = exc
+            return 0
         return None
 
     def flush(self, t: _Transfer, sink: SpliceSink) -> bool:
