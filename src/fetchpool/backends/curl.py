@@ -1018,9 +1018,12 @@ class CurlTransport:
             slot.easy.close()
         self._slots.clear()
         self._free.clear()
-        for helpers in (self._helpers, self._callbacks):
-            if helpers is not None:
-                helpers.shutdown(wait=False)
+        if self._helpers is not None:
+            # Their calls are short (a file created, an fsync) or end on the cancel:
+            # waited for, so that no thread of this transport outlives its close().
+            self._helpers.shutdown(wait=True)
+        if self._callbacks is not None:
+            self._callbacks.shutdown(wait=False)  # waited for by shutdown(wait=True)
         self._multi.close()
         self._poller.close()
         os.close(self._wake_r)
