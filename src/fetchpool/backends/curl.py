@@ -1243,10 +1243,14 @@ class CurlTransport:
 
     def _run_done(self, run: _Run, value: Any, error: BaseException | None) -> None:
         self._runs.discard(run)
+        self._conclude(run.future, value, error)
+
+    def _conclude(self, future: Future[Any], value: Any, error: BaseException | None) -> None:
+        """Complete ``future``, and count it finished whatever its callbacks do."""
         try:
-            _complete(run.future, value, error)
+            _complete(future, value, error)
         finally:
-            self._finished(run.future)
+            self._finished(future)
 
     def _block(self, run: _Run, call: Callable[[], Any]) -> None:
         if self._helpers is None:
@@ -1366,10 +1370,7 @@ class CurlTransport:
             else:
                 run.steps.close()  # its claims, lock and temporary file go
                 outcome = (None, RuntimeError("no thread to finish the download on"))
-            try:
-                _complete(run.future, *outcome)
-            finally:
-                self._finished(run.future)
+            self._conclude(run.future, *outcome)
 
     # -- loop thread ---------------------------------------------------------------------
 
