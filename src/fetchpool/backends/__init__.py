@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
 
 from ..deadline import Guard
 from ..errors import FetchError, InvalidURL, TransferError
@@ -43,9 +42,11 @@ __all__ = [
 Failure = Literal["invalid-url", "tls", "tls-dropped", "malformed", "timeout", "connection"]
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """One GET to send, one hop of a redirect chain.
+
+    A named tuple rather than a frozen dataclass: one is made per attempt and hop, and a
+    frozen dataclass's ``__init__`` is a Python call setting each field by hand.
 
     Attributes:
         url: the URL, without user-info.

@@ -64,6 +64,9 @@ _OPT_SUPPRESS_CONNECT_HEADERS = 265
 # (E_UNSUPPORTED_PROTOCOL comes from answers, "HTTP/0.9", a bad version: connection.)
 _INVALID_URL = frozenset({pycurl.E_URL_MALFORMAT})
 _STATUS_LINE = re.compile(r"HTTP/\d(?:\.\d)? +\d{3}(?: |$)")
+# A header line (libcurl ends each with a newline): the name up to its first colon, the
+# value up to the newline (both stripped afterwards); a line with no colon is no field.
+_FIELD = re.compile(r"^([^:\n]*):([^\n]*)", re.MULTILINE)
 _TLS_REFUSED = frozenset(
     {
         pycurl.E_PEER_FAILED_VERIFICATION,
@@ -228,7 +231,6 @@ def _parse_head(lines: list[bytes]) -> tuple[int, str, _Headers]:
 
     A field sent more than once has its values joined with ``", "``.
     """
-    store: dict[str, tuple[str, str]] = {}
     status, reason = 0, ""
     if lines:
         first = lines[0].decode("latin-1").rstrip("\r\n")
@@ -237,13 +239,19 @@ def _parse_head(lines: list[bytes]) -> tuple[int, str, _Headers]:
             status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
             reason = parts[2].strip() if len(parts) > 2 else ""
             lines = lines[1:]
-    for line in lines:
-        name, colon, value = line.decode("latin-1").partition(":")
-        if colon:
-            name = name.strip()
+    # One decode and one regex pass for all the fields, rather than a partition and
+    # four assignments a line: this runs once a file, on the loop every download shares.
+    fields = [
+        (name.strip(), value.strip())
+        for name, value in _FIELD.findall(b"".join(lines).decode("latin-1"))
+    ]
+    store = {name.lower(): (name, value) for name, value in fields}
+    if len(store) < len(fields):
+        # A field sent more than once (rare): join its values in the order sent.
+        store = {}
+        for name, value in fields:
             key = name.lower()
             seen = store.get(key)
-            value = value.strip()
             store[key] = (name, value) if seen is None else (name, f"{seen[1]}, {value}")
     return status, reason, _Headers(store)
 
@@ -378,7 +386,37 @@ class _Transfer:
     """One request in flight: what the loop thread fills and the worker reads.
 
     Every field is guarded by ``lock`` (``cond``'s), except those only the loop touches.
+    The fields that start the same for every transfer start as class attributes, set on
+    the instance only once they change: one is made per request, on the loop thread.
     """
+
+    # Event mode: the download whose steps wait on this transfer (loop thread only).
+    run: _Run | None = None
+    owed = False  # a wake-up is owed to its waiter at the end of this turn
+    replied = False  # the reply was handed over
+    status = 0
+    reason = ""
+    headers: _Headers = _NO_HEADERS
+    ready = False  # the final response's headers are all in
+    done = False  # libcurl finished (or the loop gave up on) the transfer
+    code = 0
+    message = ""
+    failure: Failure | None = None
+    buffered = 0
+    paused = False
+    resuming = False  # a "resume" is on its way to the loop
+    waiting = False
+    closed = False
+    # Sink mode (see CurlReply.splice): the loop writes the body straight into
+    # ``sink``; ``sunk`` counts what it wrote, ``sink_error`` keeps what it raised.
+    sink: SpliceSink | None = None
+    sunk = 0
+    spooled = 0  # bytes in the slot's spool, not yet written
+    reported = 0
+    sink_error: BaseException | None = None
+    # Event mode, while the loop sinks the body: what counts it, and the bytes owed.
+    moved: Callable[[int], None] | None = None
+    owed_bytes = 0
 
     def __init__(
         self, request: Request, guard: Guard, read_timeout: float, start: float, slot: _Slot
@@ -386,40 +424,13 @@ class _Transfer:
         self.request = request
         self.guard = guard
         self.slot = slot
-        # Event mode: the download whose steps wait on this transfer (loop thread only).
-        self.run: _Run | None = None
-        self.owed = False  # a wake-up is owed to its waiter at the end of this turn
-        self.replied = False  # the reply was handed over
         # The slot's: a Condition is costly to make (Python code), and the slot has
         # one transfer at a time. ``with t.lock`` where only exclusion is needed: a
         # Condition's __enter__ is a Python call too, the lock's is not.
         self.lock = slot.lock
         self.cond = slot.cond
-        self.status = 0
-        self.reason = ""
-        self.headers = _NO_HEADERS
         self.lines: list[bytes] = []  # header lines of the response coming in (loop)
-        self.ready = False  # the final response's headers are all in
-        self.done = False  # libcurl finished (or the loop gave up on) the transfer
-        self.code = 0
-        self.message = ""
-        self.failure: Failure | None = None
         self.chunks: deque[bytes] = deque()
-        self.buffered = 0
-        self.paused = False
-        self.resuming = False  # a "resume" is on its way to the loop
-        self.waiting = False
-        self.closed = False
-        # Sink mode (see CurlReply.splice): the loop writes the body straight into
-        # ``sink``; ``sunk`` counts what it wrote, ``sink_error`` keeps what it raised.
-        self.sink: SpliceSink | None = None
-        self.sunk = 0
-        self.spooled = 0  # bytes in the slot's spool, not yet written
-        self.reported = 0
-        self.sink_error: BaseException | None = None
-        # Event mode, while the loop sinks the body: what counts it, and the bytes owed.
-        self.moved: Callable[[int], None] | None = None
-        self.owed_bytes = 0
         # Loop thread only: when the transfer last saw a byte, and how long it may idle.
         self.read_timeout = read_timeout
         self.active = start
