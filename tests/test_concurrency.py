@@ -851,3 +851,68 @@ def test_child_path_equals_joined_path(directory: str) -> None:
     assert type(child) is type(joined)
     assert child.parent == parent
     assert child.with_suffix(".gif") == joined.with_suffix(".gif")
+
+
+# --------------------------------------------------------------------------- workers bound
+
+
+class _PeakServer(ThreadingHTTPServer):
+    """Counts the requests it serves at once; ``/r/<n>`` redirects to ``/img/<n>``."""
+
+    daemon_threads = True
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(("127.0.0.1", 0), _PeakHandler)
+        self.delay = delay
+        self.active = 0
+        self.peak = 0
+        self.count_lock = threading.Lock()
+        self.body = make_image("png", 3000, 7)
+
+
+class _PeakHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _PeakServer
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server
+        with srv.count_lock:
+            srv.active += 1
+            srv.peak = max(srv.peak, srv.active)
+        try:
+            time.sleep(srv.delay)
+            if self.path.startswith("/r/"):
+                self.send_response(302)
+                self.send_header("Location", "/img/" + self.path[3:])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(srv.body)))
+            self.end_headers()
+            self.wfile.write(srv.body)
+        finally:
+            with srv.count_lock:
+                srv.active -= 1
+
+
+@pytest.mark.timeout(60)
+def test_never_more_requests_in_flight_than_workers(dest: Path) -> None:
+    # Redirect hops and successors started while their predecessors write files must
+    # not push the count over ``workers`` (the curl loop lets a successor send first).
+    srv = _PeakServer(delay=0.05)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{srv.server_address[1]}"
+        urls = [f"{base}/{'r' if i % 3 == 0 else 'img'}/{i}.png" for i in range(36)]
+        results = download_all(urls, dest, workers=4)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert [r.status for r in results] == ["downloaded"] * len(urls)
+    assert 1 < srv.peak <= 4

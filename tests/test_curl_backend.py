@@ -34,6 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -1304,3 +1305,41 @@ def test_callbacks_of_downloads_cancelled_by_close_run_off_the_loop(
         dl.close(cancel=True)
     assert len(names) == 3
     assert all(name.startswith("fetchpool-callback") for name in names), names
+
+
+@pytest.mark.timeout(30)
+def test_successors_are_sent_before_the_ended_transfers_write_their_files(
+    server: ImageServer, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A latency-bound batch: transfers end together, and writing each file before the
+    # next request goes out would delay the last successor by the whole batch's writes.
+    from fetchpool.storage import TempFile
+
+    events: list[tuple[str, str]] = []
+    add, commit = CurlTransport._add, TempFile.commit
+
+    def spy_add(self: CurlTransport, slot: _Slot, t: Any) -> None:
+        events.append(("add", t.request.url))
+        add(self, slot, t)
+
+    def spy_commit(self: TempFile, final: Path, *args: Any) -> bool:
+        events.append(("commit", final.name))
+        return commit(self, final, *args)
+
+    monkeypatch.setattr(CurlTransport, "_add", spy_add)
+    monkeypatch.setattr(TempFile, "commit", spy_commit)
+    urls = [server.url(f"/slow/{uniq('w')}.png?delay=0.3") for _ in range(8)]
+    results = download_all(urls, dest, workers=4, backend="curl")
+    assert all(r.status == "downloaded" for r in results)
+    successors = set(urls[4:])
+    commits = 0
+    sent = 0
+    for kind, what in events:
+        if kind == "add" and what in successors:
+            sent += 1
+        elif kind == "commit":
+            commits += 1
+            if commits > 4:
+                break
+            # Every download of the first wave that writes has had its successor sent.
+            assert sent >= commits, events

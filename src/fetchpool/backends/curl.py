@@ -544,9 +544,9 @@ class _Run:
     def __init__(self, steps: Steps[Any], future: Future[Any]) -> None:
         self.steps = steps
         self.future = future
-        # What it waits for: a transfer (headers or bytes), a blocking call, or (None)
-        # nothing but time, as a sleeper.
-        self.parked: _Transfer | Future[Any] | None = None
+        # What it waits for: a transfer (headers or bytes), a blocking call, room for
+        # its request (the Send), or (None) nothing but time, as a sleeper.
+        self.parked: _Transfer | Future[Any] | Send | None = None
 
 
 class _Slot:
@@ -857,6 +857,9 @@ class CurlTransport:
         self._unfinished: set[Future[Any]] = set()
         self._all_done = threading.Condition(self._lock)
         self._runs: set[_Run] = set()
+        # Runs whose request waits for room: at most _limit transfers are in flight,
+        # while a few more runs may be writing what theirs brought (loop thread).
+        self._sends: deque[_Run] = deque()
         self._sleepers: list[tuple[float, int, _Run, threading.Event]] = []
         self._seq = itertools.count()
         self._rouse = False
@@ -1115,10 +1118,14 @@ class CurlTransport:
             if not self._unfinished:
                 self._all_done.notify_all()
 
-    def _start_runs(self) -> bool:
-        """Start queued downloads while there is room; return whether one started."""
+    def _start_runs(self, extra: int = 0) -> bool:
+        """Start queued downloads while there is room; return whether one started.
+
+        ``extra``: downloads whose transfer is over and that only write their file now,
+        not counted (their successors may send meanwhile).
+        """
         started = False
-        while len(self._runs) < self._limit:
+        while len(self._runs) < self._limit + extra:
             with self._lock:
                 if not self._queue:
                     return started
@@ -1153,11 +1160,13 @@ class CurlTransport:
                         return
                     value, error = got
                 elif isinstance(effect, Send):
-                    slot, t = self._prepare(effect.request, effect.guard)
-                    t.run = run
-                    run.parked = t
-                    effect.guard.on_fire(partial(self.post, "abort", slot, t))
-                    self._add(slot, t)
+                    if len(self._running) >= self._limit:
+                        # As many transfers as workers are in flight (the runs that
+                        # are writing files let a successor start): wait for room.
+                        run.parked = effect
+                        self._sends.append(run)
+                        return
+                    self._send(run, effect)
                     return
                 elif isinstance(effect, Splice):
                     got = self._sink(effect)
@@ -1178,6 +1187,31 @@ class CurlTransport:
                     return
             except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
                 error = exc
+
+    def _send(self, run: _Run, effect: Send) -> None:
+        """Hand ``run``'s request to libcurl (there is room for it).
+
+        Raises:
+            FetchError: from :meth:`_prepare` (the guard fired, the URL is refused...).
+        """
+        slot, t = self._prepare(effect.request, effect.guard)
+        t.run = run
+        run.parked = t
+        effect.guard.on_fire(partial(self.post, "abort", slot, t))
+        self._add(slot, t)
+
+    def _resume_sends(self) -> None:
+        """Send the requests that waited for room, while there is room."""
+        sends = self._sends
+        while sends and len(self._running) < self._limit:
+            run = sends.popleft()
+            effect = run.parked
+            assert isinstance(effect, Send)
+            run.parked = None
+            try:
+                self._send(run, effect)
+            except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
+                self._step(run, None, exc)
 
     def _sink(self, effect: Splice) -> tuple[Any, BaseException | None] | None:
         """Start writing a body into its file from the write callback (sink mode).
@@ -1265,7 +1299,10 @@ class CurlTransport:
 
     def _block(self, run: _Run, call: Callable[[], Any]) -> None:
         if self._helpers is None:
-            self._helpers = ThreadPoolExecutor(self._limit, thread_name_prefix="fetchpool-wait")
+            # A thread for every run there may be (_limit, and as many successors started
+            # while their predecessors write): a run whose call waits for a lock another
+            # run holds must never leave that run without a thread for its own call.
+            self._helpers = ThreadPoolExecutor(2 * self._limit, thread_name_prefix="fetchpool-wait")
         future = self._helpers.submit(call)
         run.parked = future
         future.add_done_callback(partial(self._unblocked, run))
@@ -1318,6 +1355,7 @@ class CurlTransport:
             self._fall_back(run, *_outcome(future))
         runs, self._runs = self._runs, set()
         self._sleepers.clear()
+        self._sends.clear()
         for run in runs:
             parked = run.parked
             if isinstance(parked, _Transfer):
@@ -1332,6 +1370,11 @@ class CurlTransport:
                     )
                     got = (None, error)
                 self._fall_back(run, *got)
+            elif isinstance(parked, Send):
+                error = attempt_error(
+                    "connection", parked.request.shown, "requesting", "the loop stopped", None
+                )
+                self._fall_back(run, None, error)
             elif parked is None:
                 self._fall_back(run, None, None)
             # A run in a blocking call falls back when the call returns (_unblocked).
@@ -1477,6 +1520,8 @@ class CurlTransport:
         # Resuming a download may owe more wake-ups (another transfer's end, say).
         while self._owed:
             owed, self._owed = self._owed, []
+            if self._queue or self._sends:
+                self._send_successors(owed)
             for t in owed:
                 t.owed = False
                 run = t.run
@@ -1490,6 +1535,26 @@ class CurlTransport:
                         self._step(run, *got)
                         if run not in self._runs:
                             self._start_early()
+
+    def _send_successors(self, owed: list[_Transfer]) -> None:
+        """Send the next requests before the downloads whose transfer ended write files.
+
+        When many transfers end in one turn (a latency-bound batch), writing each file
+        before starting the next download would delay the last successor by the whole
+        batch's writes, every round: their requests go out first, and the writes happen
+        while the server takes its time.
+        """
+        ended = 0
+        for t in owed:
+            run = t.run
+            ended += t.done and run is not None and run.parked is t
+        if not ended:
+            return
+        self._resume_sends()
+        if self._start_runs(extra=ended) or self._sends:
+            self._resume_sends()
+            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+            self._collect()
 
     def _start_early(self) -> None:
         # A download ended in a turn that has gone on for a while: start the next one
@@ -1511,6 +1576,7 @@ class CurlTransport:
         while True:
             self._do_commands()
             self._resume_blocked()
+            self._resume_sends()
             self._start_runs()
             self._pay_wakes()
             if self._stopping:
@@ -1537,7 +1603,12 @@ class CurlTransport:
                 wait = min(wait, self._timer - now)
             if self._sleepers:
                 wait = min(wait, self._sleepers[0][0] - now)
-            if self._commands or self._blocked or (self._queue and len(self._runs) < self._limit):
+            if (
+                self._commands
+                or self._blocked
+                or (self._queue and len(self._runs) < self._limit)
+                or (self._sends and len(self._running) < self._limit)
+            ):
                 wait = 0.0  # posted from this thread (no wake-up written), or runnable now
             self._turn(max(0.0, wait))
 
