@@ -916,3 +916,33 @@ def test_never_more_requests_in_flight_than_workers(dest: Path) -> None:
         srv.server_close()
     assert [r.status for r in results] == ["downloaded"] * len(urls)
     assert 1 < srv.peak <= 4
+
+
+def _open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.timeout(60)
+def test_close_closes_every_connection_while_failed_results_are_kept(
+    server_process: str, dest: Path
+) -> None:
+    # Kept results hold their errors, whose tracebacks hold the frames that held the
+    # responses, and (urllib3 2) their pools: close() must not leave those pools'
+    # sockets to the garbage collector.
+    urls = [
+        f"{server_process}/status/404/x{i}.png" if i % 7 == 0 else f"{server_process}/any/a{i}.png"
+        for i in range(300)
+    ]
+    gc.collect()
+    before = _open_sockets()
+    with Downloader(dest, workers=32, retry=1) as dl:
+        results = list(dl.map(urls))
+    failed = [r for r in results if not r.ok]
+    assert len(failed) == 43
+    assert all(r.error is not None and r.error.__traceback__ is not None for r in failed)
+    assert _open_sockets() <= before

@@ -33,8 +33,8 @@ __all__ = [
     "RequestsReply",
     "RequestsTransport",
     "default_session",
-    "guard_pool_manager",
     "network_error",
+    "prepare_pool_manager",
     "prepare_session",
 ]
 
@@ -81,13 +81,25 @@ _GUARDED_POOL_CLASSES: dict[str, type[HTTPConnectionPool]] = {
 }
 
 
-def guard_pool_manager(manager: PoolManager) -> bool:
-    """Make ``manager`` create guarded connections, if it uses urllib3's default pools.
+def _close_pool(pool: HTTPConnectionPool) -> None:
+    pool.close()
+
+
+def prepare_pool_manager(manager: PoolManager) -> bool:
+    """Make ``manager`` close the pools it drops, and create guarded connections if it
+    uses urllib3's default pools.
+
+    urllib3 2 drops a pool (``PoolManager.clear()``, which ``Session.close()`` calls, or
+    an eviction when more hosts come than it keeps) without closing it, and counts on the
+    garbage collector: a response still referenced (an error's traceback kept on a
+    result holds the frames that hold it) keeps its pool, and that pool's idle sockets,
+    open after ``close()``. As urllib3 1.x did, it now closes them when dropping them.
 
     Returns:
         Whether the manager now hands sockets to guards (a custom pool class is left
         alone; the deadline is then checked between body chunks only).
     """
+    manager.pools.dispose_func = _close_pool
     classes = manager.pool_classes_by_scheme
     if classes.get("http") is HTTPConnectionPool and classes.get("https") is HTTPSConnectionPool:
         manager.pool_classes_by_scheme = dict(_GUARDED_POOL_CLASSES)
@@ -100,17 +112,17 @@ class _GuardedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        guard_pool_manager(self.poolmanager)
+        prepare_pool_manager(self.poolmanager)
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> PoolManager:
         manager: PoolManager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        guard_pool_manager(manager)
+        prepare_pool_manager(manager)
         return manager
 
 
 def _guard_adapter(adapter: HTTPAdapter) -> None:
     """Guard a caller's adapter: its direct pools and every proxy manager it makes."""
-    guard_pool_manager(adapter.poolmanager)
+    prepare_pool_manager(adapter.poolmanager)
     if isinstance(adapter, _GuardedAdapter) or adapter.__dict__.get("_fetchpool_guarded"):
         return
     adapter.__dict__["_fetchpool_guarded"] = True
@@ -118,7 +130,7 @@ def _guard_adapter(adapter: HTTPAdapter) -> None:
 
     def proxy_manager_for(proxy: str, **proxy_kwargs: Any) -> PoolManager:
         manager: PoolManager = make(proxy, **proxy_kwargs)
-        guard_pool_manager(manager)
+        prepare_pool_manager(manager)
         return manager
 
     adapter.proxy_manager_for = proxy_manager_for  # type: ignore[method-assign]
