@@ -1343,3 +1343,35 @@ def test_successors_are_sent_before_the_ended_transfers_write_their_files(
                 break
             # Every download of the first wave that writes has had its successor sent.
             assert sent >= commits, events
+
+
+@pytest.mark.timeout(30)
+def test_a_finalizer_run_inside_the_transports_lock_does_not_wait_for_itself(
+    server: ImageServer, tmp_path: Path
+) -> None:
+    # A dropped Downloader's finalizer runs on whatever thread drops the last reference,
+    # which may be the loop thread inside its own lock: closing there must not wait for
+    # that lock (it would wait for ever).
+    from fetchpool.downloader import _release
+
+    dl = Downloader(tmp_path, workers=1, backend="curl")
+    assert dl.submit(server.url(f"/any/{uniq()}")).result(timeout=10).ok
+    transport = dl._transport
+    assert isinstance(transport, CurlTransport)
+    returned = threading.Event()
+
+    def finalize_inside_the_lock() -> None:
+        with transport._lock:
+            _release(dl._pipeline.pins, transport, dl._watchdog)
+        returned.set()
+
+    threading.Thread(target=finalize_inside_the_lock, daemon=True).start()
+    assert returned.wait(10), "the finalizer waited for a lock its own thread held"
+    wait_for(
+        lambda: (
+            transport._closed and transport._thread is not None and not transport._thread.is_alive()
+        ),
+        10,
+        "the loop to stop",
+    )
+    dl.close()

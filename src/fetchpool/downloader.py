@@ -266,7 +266,30 @@ class _Threads:
 
 
 def _release(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:
-    """What a Downloader dropped without ``close()`` still owes (its finalizer)."""
+    """What a Downloader dropped without ``close()`` still owes (its finalizer).
+
+    A finalizer runs on whatever thread drops the last reference, wherever it stands:
+    on one of the Downloader's own threads (the curl loop, a helper), that may be inside
+    a lock that closing takes too, and the thread would wait for itself forever. Off the
+    main thread the work goes to a thread of its own; on it (and at interpreter exit,
+    when no thread may start) it is done here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            threading.Thread(
+                target=_release_now,
+                args=(pins, transport, watchdog),
+                name="fetchpool-release",
+                daemon=True,
+            ).start()
+        except RuntimeError:  # the interpreter is exiting
+            pass
+        else:
+            return
+    _release_now(pins, transport, watchdog)
+
+
+def _release_now(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:
     pins.release()
     transport.close()
     watchdog.stop()

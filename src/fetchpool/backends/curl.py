@@ -312,7 +312,10 @@ class _LoopFuture(Future[T]):
         # The callers' callbacks added before it is done, handed off together (so they
         # run in the order they were added, as on any future); None once handed off.
         self._callers: list[Callable[[Future[T]], object]] | None = []
-        super().add_done_callback(self._hand_off)
+        # A function, not a bound method: the future's callback list would then hold
+        # the future itself, a cycle only the garbage collector breaks, and with it the
+        # callers' callbacks (the Downloader's) would outlive the future for a while.
+        super().add_done_callback(_LoopFuture._hand_off)
 
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
         with self._condition:
@@ -322,11 +325,13 @@ class _LoopFuture(Future[T]):
                 return
         super().add_done_callback(fn)  # done and handed off: runs at once, here
 
-    def _hand_off(self, future: Future[T]) -> None:
-        with self._condition:
-            callers, self._callers = self._callers, None
+    @staticmethod
+    def _hand_off(future: Future[Any]) -> None:
+        assert isinstance(future, _LoopFuture)
+        with future._condition:
+            callers, future._callers = future._callers, None
         if callers:
-            self._transport.call_back(callers, self)
+            future._transport.call_back(callers, future)
 
 
 _in_callback = threading.local()
