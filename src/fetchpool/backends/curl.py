@@ -1127,10 +1127,11 @@ class CurlTransport:
         """Start queued downloads while there is room; return whether one started.
 
         ``extra``: downloads whose transfer is over and that only write their file now,
-        not counted (their successors may send meanwhile).
+        not counted (their successors may send meanwhile). Nor are those waiting out a
+        retry's backoff: a wait gives its place to the next download.
         """
         started = False
-        while len(self._runs) < self._limit + extra:
+        while len(self._runs) - len(self._sleepers) < self._limit + extra:
             with self._lock:
                 if not self._queue:
                     return started
@@ -1611,7 +1612,7 @@ class CurlTransport:
             if (
                 self._commands
                 or self._blocked
-                or (self._queue and len(self._runs) < self._limit)
+                or (self._queue and len(self._runs) - len(self._sleepers) < self._limit)
                 or (self._sends and len(self._running) < self._limit)
             ):
                 wait = 0.0  # posted from this thread (no wake-up written), or runnable now
