@@ -251,6 +251,34 @@ def test_more_body_than_owed_is_a_transfer_error(
     assert temp_files(dest) == []
 
 
+def test_a_write_error_reported_at_close_fails_that_download_only(
+    raw_server: RawServer, dest: Path, spy: Spy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS may report a failed write when the descriptor is closed: the file is not whole."""
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        real_close(fd)
+        if fd in spy.fds:
+            spy.fds.remove(fd)  # its number is free again: fail its close once
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "close", close)
+    urls = [raw_server.url(uniq("full", SIZE)) for _ in range(2)]
+    with Downloader(dest, workers=1, backend="curl", retry=quick(3)) as dl:
+        failed = dl.submit(urls[0]).result(timeout=30)
+        monkeypatch.setattr(os, "close", real_close)
+        whole = dl.submit(urls[1]).result(timeout=30)
+    assert isinstance(failed.error, StorageError), failed.error
+    assert failed.error.errno == errno.EIO
+    assert failed.attempts == 1
+    assert whole.ok, whole.error
+    assert whole.path is not None
+    assert sha(whole.path.read_bytes()) == sha(body_of(SIZE))
+    assert spy.direct == [True, True]
+    assert listing(dest) == [whole.path.name]
+
+
 def test_a_steady_body_slower_than_the_read_timeout_in_total_is_not_timed_out(
     raw_server: RawServer, dest: Path, spy: Spy
 ) -> None:

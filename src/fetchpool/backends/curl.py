@@ -44,7 +44,7 @@ from requests.utils import get_environ_proxies, select_proxy
 
 from .. import __version__
 from ..deadline import Guard
-from ..errors import FetchError, TransferError
+from ..errors import FetchError, StorageError, TransferError
 from ..retry import CLOCK
 from ..steps import Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
@@ -1304,7 +1304,26 @@ class CurlTransport:
                 easy.setopt(pycurl.WRITEFUNCTION, t.slot.on_write)
                 easy.setopt(pycurl.MAXFILESIZE_LARGE, 0)
             finally:
-                os.close(fd)
+                self._close_direct(t, fd)
+
+    @staticmethod
+    def _close_direct(t: _Transfer, fd: int) -> None:
+        """Close a direct sink's descriptor; a failure is ``t``'s storage error.
+
+        A network file system may report a write that failed only now, at close: the
+        file is not whole, and that download must fail (not the loop).
+        """
+        try:
+            os.close(fd)
+        except OSError as exc:
+            if t.sink_error is None:
+                shown = t.request.shown
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                t.sink_error = StorageError(
+                    f"cannot write the body of {shown} to its file: {reason}",
+                    url=shown,
+                    errno=exc.errno,
+                )
 
     @staticmethod
     def _count_sunk(t: _Transfer) -> int:
