@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -255,19 +256,35 @@ def test_a_write_error_reported_at_close_fails_that_download_only(
     raw_server: RawServer, dest: Path, spy: Spy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """NFS may report a failed write when the descriptor is closed: the file is not whole."""
-    real_close = os.close
+    real_end = CurlTransport._end_direct
+    failing = [True]
 
-    def close(fd: int) -> None:
-        real_close(fd)
-        if fd in spy.fds:
-            spy.fds.remove(fd)  # its number is free again: fail its close once
+    class FailingClose:
+        """The direct sink's writer, whose close reports EIO (once the fd is closed)."""
+
+        def __init__(self, writer: BinaryIO) -> None:
+            self.writer = writer
+
+        def flush(self) -> None:
+            self.writer.flush()
+
+        def tell(self) -> int:
+            return self.writer.tell()
+
+        def close(self) -> None:
+            self.writer.close()
             raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(os, "close", close)
+    def end_direct(transport: CurlTransport, t: Any) -> None:
+        if t.direct is not None and failing:
+            failing.clear()
+            t.direct = FailingClose(t.direct)
+        real_end(transport, t)
+
+    monkeypatch.setattr(CurlTransport, "_end_direct", end_direct)
     urls = [raw_server.url(uniq("full", SIZE)) for _ in range(2)]
     with Downloader(dest, workers=1, backend="curl", retry=quick(3)) as dl:
         failed = dl.submit(urls[0]).result(timeout=30)
-        monkeypatch.setattr(os, "close", real_close)
         whole = dl.submit(urls[1]).result(timeout=30)
     assert isinstance(failed.error, StorageError), failed.error
     assert failed.error.errno == errno.EIO

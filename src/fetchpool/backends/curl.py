@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, NoReturn, TypeVar, overload
+from typing import Any, BinaryIO, NoReturn, TypeVar, overload
 from urllib.parse import urlsplit
 
 import certifi
@@ -96,6 +96,9 @@ _JOIN = 256 * 1024
 #: and freed for each, which glibc returns to the kernel and faults in again (a page
 #: fault per 4 KiB of the body, most of the time a 1 GiB file took).
 _SPOOL = 256 * 1024
+#: A direct sink's writer buffers this much of libcurl's 16 KiB blocks before it writes
+#: them to the file: a write(2) per 64 blocks rather than one each.
+_DIRECT_BUFFER = 1024 * 1024
 _START_EARLY_AFTER = 0.004
 _BLANK_LINES = frozenset({b"\r\n", b"\n"})
 
@@ -418,9 +421,9 @@ class _Transfer:
     moved: Callable[[int], None] | None = None
     owed_bytes = 0
     # Event mode, direct sink (loop thread only): libcurl writes the body itself
-    # through ``direct_fd``, the sink's descriptor; its offset was ``direct_base``
-    # then, and ``direct_counted`` of what it wrote since is in ``sunk``.
-    direct_fd: int | None = None
+    # through ``direct``, a writer on the sink's descriptor; its position was
+    # ``direct_base`` then, and ``direct_counted`` of what it took since is in ``sunk``.
+    direct: BinaryIO | None = None
     direct_base = 0
     direct_counted = 0
 
@@ -1251,12 +1254,13 @@ class CurlTransport:
     def _go_direct(self, t: _Transfer, sink: SpliceSink, length: int) -> None:
         """Have libcurl write the next ``length`` bytes of ``t``'s body into ``sink`` itself.
 
-        Its write callback becomes ``os.write`` bound to a descriptor of the file: C,
-        with no Python frame per 16 KiB block (65,536 calls a GiB), which is most of
-        what a big body cost. Such a callback must not raise (pycurl would print the
-        traceback): the sink allocated the space first, so a full disk is raised here.
-        Set on the loop thread, outside the handle's callbacks (pycurl refuses it
-        inside); undone by :meth:`_end_direct` once libcurl let go of the handle.
+        Its write callback becomes the ``write`` of a buffered writer on a descriptor of
+        the file: C, with no Python frame per 16 KiB block (65,536 calls a GiB, most of
+        what a big body cost), and a write(2) per MiB. Such a callback must not raise
+        (pycurl would print the traceback): the sink allocated the space first, so a full
+        disk is raised here. Set on the loop thread, outside the handle's callbacks
+        (pycurl refuses it inside); undone by :meth:`_end_direct` once libcurl let go of
+        the handle.
 
         Raises:
             StorageError: from the sink (no room for the body).
@@ -1264,78 +1268,90 @@ class CurlTransport:
         fd = sink.direct(length)
         if fd is None:
             return  # the sink must see the bytes: the write callback writes them
+        try:
+            # Owns the descriptor from here: closing it closes that.
+            writer = open(fd, "wb", buffering=_DIRECT_BUFFER)  # noqa: SIM115 - see _end_direct
+        except BaseException:
+            os.close(fd)
+            raise
         easy = t.slot.easy
         try:
-            t.direct_base = os.lseek(fd, 0, os.SEEK_CUR)
+            t.direct_base = writer.tell()
             total = easy.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T)
             if total > 0:
                 # libcurl passes no byte past Content-Length over HTTP/1.1, nor nghttp2
                 # over HTTP/2; should one come, it must not grow the file beyond the
                 # space allocated: libcurl then ends the transfer (FILESIZE_EXCEEDED).
                 easy.setopt(pycurl.MAXFILESIZE_LARGE, total)
-            easy.setopt(pycurl.WRITEFUNCTION, partial(os.write, fd))
+            # It returns the block's length: what pycurl tells libcurl was consumed.
+            easy.setopt(pycurl.WRITEFUNCTION, writer.write)
         except BaseException:
             try:
                 easy.setopt(pycurl.MAXFILESIZE_LARGE, 0)
             finally:
-                os.close(fd)
+                writer.close()
             raise
-        t.direct_fd = fd
+        t.direct = writer
         t.direct_counted = 0
         self._direct.append(t)
 
     def _end_direct(self, t: _Transfer) -> None:
-        """Count what libcurl wrote of ``t``, give the handle its write callback back, and
-        close the descriptor (loop thread), if ``t`` was written directly.
+        """Write out and count what libcurl gave ``t``'s writer, give the handle its write
+        callback back, and close the writer (loop thread), if ``t`` was written directly.
 
         Called once libcurl let go of the handle (or will run no more), before anything
         can reuse or close it.
         """
-        fd = t.direct_fd
-        if fd is None:
+        writer = t.direct
+        if writer is None:
             return
         try:
+            try:
+                writer.flush()
+            except OSError as exc:
+                self._write_failed(t, exc)
             self._count_sunk(t)
         finally:
-            t.direct_fd = None
+            t.direct = None
             self._direct.remove(t)
             try:
                 easy = t.slot.easy
                 easy.setopt(pycurl.WRITEFUNCTION, t.slot.on_write)
                 easy.setopt(pycurl.MAXFILESIZE_LARGE, 0)
             finally:
-                self._close_direct(t, fd)
+                try:
+                    writer.close()  # the descriptor closed, even where the flush fails
+                except OSError as exc:
+                    self._write_failed(t, exc)
 
     @staticmethod
-    def _close_direct(t: _Transfer, fd: int) -> None:
-        """Close a direct sink's descriptor; a failure is ``t``'s storage error.
+    def _write_failed(t: _Transfer, exc: OSError) -> None:
+        """Make ``exc``, from writing out or closing a direct sink, ``t``'s storage error.
 
-        A network file system may report a write that failed only now, at close: the
-        file is not whole, and that download must fail (not the loop).
+        The writer's last MiB is written when the body ended, and a network file system
+        may report a failed write only at close: the file is not whole, and that download
+        must fail (not the loop).
         """
-        try:
-            os.close(fd)
-        except OSError as exc:
-            if t.sink_error is None:
-                shown = t.request.shown
-                reason = os.strerror(exc.errno) if exc.errno else str(exc)
-                t.sink_error = StorageError(
-                    f"cannot write the body of {shown} to its file: {reason}",
-                    url=shown,
-                    errno=exc.errno,
-                )
+        if t.sink_error is None:
+            shown = t.request.shown
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            t.sink_error = StorageError(
+                f"cannot write the body of {shown} to its file: {reason}",
+                url=shown,
+                errno=exc.errno,
+            )
 
     @staticmethod
     def _count_sunk(t: _Transfer) -> int:
-        """How many bytes of ``t``'s body are in its file (loop thread).
+        """How many bytes of ``t``'s body reached its file, or its writer (loop thread).
 
-        Those the loop wrote, and those libcurl wrote through the sink's descriptor: the
-        descriptor's offset tells (nothing else writes the file meanwhile), and the sink
-        is told of them.
+        Those the loop wrote, and those libcurl gave the direct sink's writer: its
+        position tells (nothing else writes the file meanwhile), and the sink is told
+        of them.
         """
-        fd = t.direct_fd
-        if fd is not None:
-            written = os.lseek(fd, 0, os.SEEK_CUR) - t.direct_base
+        writer = t.direct
+        if writer is not None:
+            written = writer.tell() - t.direct_base
             fresh = written - t.direct_counted
             if fresh:
                 t.direct_counted = written
