@@ -400,3 +400,23 @@ def test_no_descriptor_left_after_big_bodies_that_end_every_way(
     assert given >= 2  # the two whole bodies at least
     assert _fds_into(tmp_path) == []
     assert _regular_fds() == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loop_failing_mid_body_closes_the_descriptor(
+    raw_server: RawServer, dest: Path, spy: Spy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = CurlTransport._wake_sleepers
+
+    def broken(self: CurlTransport, now: float) -> None:
+        if self._direct:
+            raise RuntimeError("the loop broke while libcurl wrote a body")
+        real(self, now)
+
+    monkeypatch.setattr(CurlTransport, "_wake_sleepers", broken)
+    with Downloader(dest, workers=1, backend="curl") as dl:
+        result = dl.submit(raw_server.url(uniq("drip", 64 * MiB))).result(timeout=30)
+    assert isinstance(result.error, TransferError), result.error
+    assert spy.direct == [True]
+    assert _fds_into(dest) == []
+    assert listing(dest) == []
