@@ -424,19 +424,14 @@ def test_full_disk_is_a_storage_error_not_retried(
 
     splices.fault = full
     if not splices.requests:
-        # The curl backend's sink writes what it gathered: the disk fills past 1 MiB.
-        real_write_all = fetchpool.storage._write_all
-        written = 0
+        # The curl backend allocates the body's space before libcurl writes it: the disk
+        # fills there. (Where the file system cannot allocate ahead, its Python path
+        # writes the body: see test_curl_direct_sink.py.)
+        def no_room(fd: int, offset: int, length: int) -> None:
+            splices.file_writes += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def write_all(fd: int, data: bytes | memoryview) -> None:
-            nonlocal written
-            written += len(data)
-            if written > MiB:
-                splices.file_writes += 1
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            real_write_all(fd, data)
-
-        monkeypatch.setattr(fetchpool.storage, "_write_all", write_all)
+        monkeypatch.setattr(os, "posix_fallocate", no_room)
     before = raw_server.requests
     (result,) = download_all([raw_server.url(uniq("full"))], dest, retry=quick(3))
     assert isinstance(result.error, StorageError)

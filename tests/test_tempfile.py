@@ -326,3 +326,54 @@ def test_a_temp_file_notes_how_long_its_creation_took(tmp_path: Path) -> None:
         assert 0 < fetchpool.storage._CREATION_COST[str(tmp_path)] < 5
     finally:
         tmp.discard()
+
+
+def test_direct_gives_a_descriptor_of_its_own_with_the_space_allocated(
+    dest: Path, temp_mode: str
+) -> None:
+    tmp = TempFile(dest, KEY, "http://h/x.png")
+    tmp.write(b"head")
+    fd = tmp.direct(1000)
+    assert fd is not None
+    try:
+        assert fd != tmp._fd
+        assert os.fstat(fd).st_size == 4 + 1000  # allocated from the offset on
+        assert os.write(fd, b"body") == 4  # lands after the head: the offset is shared
+        tmp.wrote(4)
+        assert tmp.size == 8
+        tmp.discard()
+        # The writer's descriptor outlives the file's: its writes go to the orphan.
+        assert os.write(fd, b"more") == 4
+    finally:
+        os.close(fd)
+    assert listing(dest) == []
+    assert temp_files(dest) == []
+
+
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS])
+def test_direct_gives_nothing_where_space_cannot_be_allocated_ahead(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def refuse(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "posix_fallocate", refuse)
+    tmp = TempFile(dest, KEY)
+    assert tmp.direct(1000) is None
+    tmp.discard()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG, errno.EDQUOT])
+def test_direct_says_a_full_disk_as_a_storage_error(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    tmp = TempFile(dest, KEY, "http://h/x.png")
+    with pytest.raises(StorageError) as caught:
+        tmp.direct(1000)
+    assert caught.value.errno == code
+    assert caught.value.url == "http://h/x.png"
+    tmp.discard()

@@ -633,6 +633,42 @@ class TempFile:
         except OSError as exc:
             raise self._error("cannot write to", self._directory, exc) from exc
 
+    def direct(self, length: int) -> int | None:
+        """Return a new descriptor of the file, its next ``length`` bytes allocated.
+
+        The caller writes the body through it (a C-level writer, libcurl's, with no
+        Python code per block), tells :meth:`wrote` what it wrote, and closes it. The
+        bytes are allocated first so that the writer cannot fail on a full disk (it
+        would have no way to say so but a traceback): the disk full is raised here. A
+        descriptor of its own, not this one: the file may be discarded (this one closed,
+        and its number given to another file) while the writer still holds it; its
+        writes then land in the orphaned file. The file's size is ``length`` bytes past
+        the current offset from here on, whatever is written.
+
+        Returns:
+            The descriptor (sharing this one's offset), or ``None`` where the filesystem
+            cannot allocate ahead or no descriptor is left: :meth:`write` then serves.
+
+        Raises:
+            StorageError: no room for ``length`` more bytes (disk full, quota, file too
+                large...), with the errno.
+        """
+        assert self._fd is not None
+        try:
+            os.posix_fallocate(self._fd, os.lseek(self._fd, 0, os.SEEK_CUR), length)
+        except OSError as exc:
+            if exc.errno in _NO_FALLOCATE:
+                return None
+            raise self._error("cannot write to", self._directory, exc) from exc
+        try:
+            return os.dup(self._fd)
+        except OSError:  # EMFILE, ENFILE: the caller writes through this one instead
+            return None
+
+    def wrote(self, count: int) -> None:
+        """Count ``count`` bytes written through a descriptor :meth:`direct` gave."""
+        self.size += count
+
     def commit(self, final: Path, origin: str | None, fsync: bool) -> bool:
         """Move the file to ``final`` atomically.
 
@@ -716,6 +752,9 @@ class TempFile:
 UNNAMED: bool = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 # What open(O_TMPFILE) fails with where the filesystem (or an old kernel) lacks it.
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL)
+# What posix_fallocate() fails with where the filesystem cannot allocate ahead (glibc
+# writes the blocks itself where the kernel lacks fallocate, but not into O_APPEND files).
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
 
 
 # What linkat through /proc fails with where it cannot work (no /proc, a sandbox, an

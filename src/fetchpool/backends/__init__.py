@@ -73,6 +73,14 @@ class SpliceSink(Protocol):
 
     def write(self, data: bytes | memoryview) -> None: ...
     def splice_from(self, pipe_fd: int, count: int) -> None: ...
+    def direct(self, length: int) -> int | None:
+        """A descriptor to write the next ``length`` bytes through, space allocated, or
+        ``None`` where the sink must see the bytes (:meth:`write` then serves)."""
+        ...
+
+    def wrote(self, count: int) -> None:
+        """Count ``count`` bytes written through the descriptor :meth:`direct` gave."""
+        ...
 
 
 class Reply(Protocol):

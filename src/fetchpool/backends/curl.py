@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, NoReturn, TypeVar, overload
+from typing import Any, BinaryIO, NoReturn, TypeVar, overload
 from urllib.parse import urlsplit
 
 import certifi
@@ -44,7 +44,7 @@ from requests.utils import get_environ_proxies, select_proxy
 
 from .. import __version__
 from ..deadline import Guard
-from ..errors import FetchError, TransferError
+from ..errors import FetchError, StorageError, TransferError
 from ..retry import CLOCK
 from ..steps import Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
@@ -96,6 +96,9 @@ _JOIN = 256 * 1024
 #: and freed for each, which glibc returns to the kernel and faults in again (a page
 #: fault per 4 KiB of the body, most of the time a 1 GiB file took).
 _SPOOL = 256 * 1024
+#: A direct sink's writer buffers this much of libcurl's 16 KiB blocks before it writes
+#: them to the file: a write(2) per 64 blocks rather than one each.
+_DIRECT_BUFFER = 1024 * 1024
 _START_EARLY_AFTER = 0.004
 _BLANK_LINES = frozenset({b"\r\n", b"\n"})
 
@@ -422,6 +425,12 @@ class _Transfer:
     # Event mode, while the loop sinks the body: what counts it, and the bytes owed.
     moved: Callable[[int], None] | None = None
     owed_bytes = 0
+    # Event mode, direct sink (loop thread only): libcurl writes the body itself
+    # through ``direct``, a writer on the sink's descriptor; its position was
+    # ``direct_base`` then, and ``direct_counted`` of what it took since is in ``sunk``.
+    direct: BinaryIO | None = None
+    direct_base = 0
+    direct_counted = 0
 
     def __init__(
         self, request: Request, guard: Guard, read_timeout: float, start: float, slot: _Slot
@@ -853,6 +862,9 @@ class CurlTransport:
         self._owed: list[_Transfer] = []
         self._idle_check = 0.0
         self._running: dict[int, _Slot] = {}
+        # Transfers whose body libcurl writes straight into its file (see _go_direct):
+        # counted once a turn of the loop (loop thread).
+        self._direct: list[_Transfer] = []
         # Event mode (see runner()): downloads queued (under _lock), and those whose
         # steps the loop drives, at most _limit at once (loop thread).
         self._limit = workers
@@ -1033,6 +1045,8 @@ class CurlTransport:
 
     def _release(self) -> None:
         """Close the handles, the multi, the selector and the wake-up pipe."""
+        for t in list(self._direct):  # the loop failed, or ended from a finalizer
+            self._drop_direct(t)
         for slot in self._slots:
             slot.easy.close()
         self._slots.clear()
@@ -1220,37 +1234,202 @@ class CurlTransport:
                 self._step(run, None, exc)
 
     def _sink(self, effect: Splice) -> tuple[Any, BaseException | None] | None:
-        """Start writing a body into its file from the write callback (sink mode).
+        """Start writing a big body into its file as it arrives (sink mode).
 
-        Big bodies only: the blocks are gathered in the slot's spool and written a
-        quarter MiB at a time, never joined into new buffers.
+        What is buffered goes first. Then libcurl writes the rest itself where the sink
+        gives a descriptor (:meth:`_go_direct`); else the write callback gathers the
+        blocks in the slot's spool and writes a quarter MiB at a time.
         """
         t: _Transfer = effect.reply._t  # type: ignore[attr-defined]
         flushed, resume = t.start_sink(effect.sink)
         if resume:
-            self.post("resume", t.slot, t)
+            self.post("resume", t.slot, t)  # run after this step: direct by then
         t.moved = effect.moved
         t.owed_bytes = effect.length
         t.sunk += flushed  # the loop's own thread: no write can race it
+        left = effect.length - flushed
+        if left > 0 and not t.done and id(t.slot.easy) in self._running:
+            try:
+                self._go_direct(t, effect.sink, left)
+            except Exception as exc:  # noqa: BLE001 - StorageError above all: the steps'
+                t.moved = None
+                t.stop_sink()
+                return None, exc
         return self._sinking(t)
 
-    def _sinking(self, t: _Transfer) -> tuple[Any, BaseException | None] | None:
-        """Count what the loop wrote of ``t``; once it ended, what its splice returns."""
+    def _go_direct(self, t: _Transfer, sink: SpliceSink, length: int) -> None:
+        """Have libcurl write the next ``length`` bytes of ``t``'s body into ``sink`` itself.
+
+        Its write callback becomes the ``write`` of a buffered writer on a descriptor of
+        the file: C, with no Python frame per 16 KiB block (65,536 calls a GiB, most of
+        what a big body cost), and a write(2) per MiB. Such a callback must not raise
+        (pycurl would print the traceback): the sink allocated the space first, so a full
+        disk is raised here. Set on the loop thread, outside the handle's callbacks
+        (pycurl refuses it inside); undone by :meth:`_end_direct` once libcurl let go of
+        the handle.
+
+        Raises:
+            StorageError: from the sink (no room for the body).
+        """
+        fd = sink.direct(length)
+        if fd is None:
+            return  # the sink must see the bytes: the write callback writes them
+        try:
+            # Owns the descriptor from here: closing it closes that.
+            writer = open(fd, "wb", buffering=_DIRECT_BUFFER)  # noqa: SIM115 - see _end_direct
+        except BaseException:
+            os.close(fd)
+            raise
+        easy = t.slot.easy
+        try:
+            t.direct_base = writer.tell()
+            total = easy.getinfo(pycurl.CONTENT_LENGTH_DOWNLOAD_T)
+            if total > 0:
+                # libcurl passes no byte past Content-Length over HTTP/1.1, nor nghttp2
+                # over HTTP/2; should one come, it must not grow the file beyond the
+                # space allocated: libcurl then ends the transfer (FILESIZE_EXCEEDED).
+                easy.setopt(pycurl.MAXFILESIZE_LARGE, total)
+            # It returns the block's length: what pycurl tells libcurl was consumed.
+            easy.setopt(pycurl.WRITEFUNCTION, writer.write)
+        except BaseException:
+            try:
+                easy.setopt(pycurl.MAXFILESIZE_LARGE, 0)
+            finally:
+                writer.close()
+            raise
+        t.direct = writer
+        t.direct_counted = 0
+        self._direct.append(t)
+
+    def _end_direct(self, t: _Transfer) -> None:
+        """Write out and count what libcurl gave ``t``'s writer, give the handle its write
+        callback back, and close the writer (loop thread), if ``t`` was written directly.
+
+        Called once libcurl let go of the handle (or will run no more), before anything
+        can reuse or close it.
+        """
+        writer = t.direct
+        if writer is None:
+            return
+        try:
+            try:
+                writer.flush()
+            except OSError as exc:
+                self._write_failed(t, exc)
+            self._count_sunk(t)
+        finally:
+            t.direct = None
+            self._direct.remove(t)
+            try:
+                easy = t.slot.easy
+                easy.setopt(pycurl.WRITEFUNCTION, t.slot.on_write)
+                easy.setopt(pycurl.MAXFILESIZE_LARGE, 0)
+            finally:
+                try:
+                    writer.close()  # the descriptor closed, even where the flush fails
+                except OSError as exc:
+                    self._write_failed(t, exc)
+
+    @staticmethod
+    def _write_failed(t: _Transfer, exc: OSError) -> None:
+        """Make ``exc``, from writing out or closing a direct sink, ``t``'s storage error.
+
+        The writer's last MiB is written when the body ended, and a network file system
+        may report a failed write only at close: the file is not whole, and that download
+        must fail (not the loop).
+        """
+        if t.sink_error is None:
+            shown = t.request.shown
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            t.sink_error = StorageError(
+                f"cannot write the body of {shown} to its file: {reason}",
+                url=shown,
+                errno=exc.errno,
+            )
+
+    @staticmethod
+    def _count_sunk(t: _Transfer) -> int:
+        """How many bytes of ``t``'s body reached its file, or its writer (loop thread).
+
+        Those the loop wrote, and those libcurl gave the direct sink's writer: its
+        position tells (nothing else writes the file meanwhile), and the sink is told
+        of them.
+        """
+        writer = t.direct
+        if writer is not None:
+            written = writer.tell() - t.direct_base
+            fresh = written - t.direct_counted
+            if fresh:
+                t.direct_counted = written
+                t.sunk += fresh
+                sink = t.sink
+                if sink is not None:
+                    sink.wrote(fresh)
+        return t.sunk
+
+    @staticmethod
+    def _tell(t: _Transfer, sunk: int) -> None:
+        """Count ``t``'s bytes in its file up to ``sunk`` (``t.moved``), a MiB at a time.
+
+        libcurl writes a fast link's bytes in runs of several MiB per turn of the loop (a
+        few milliseconds): told as one count they would make one progress event, and the
+        events would come in lumps, as they did before the counting moved into the write
+        callback. Told a MiB at a time, they make one event per MiB of the body, each
+        turn's events a few milliseconds after the last turn's.
+        """
         moved = t.moved
         assert moved is not None
-        with t.lock:
-            sunk, done = t.sunk, t.done
-            if done:
-                t.sink = None
+        due, t.reported = sunk - t.reported, sunk
+        while due > _SINK_REPORT:
+            moved(_SINK_REPORT)
+            due -= _SINK_REPORT
+        if due:
+            moved(due)
+
+    def _report_direct(self) -> None:
+        """Count what libcurl wrote into the files of direct sinks since the last turn.
+
+        Where the write callback counted (and marked the transfer active) with every
+        block, this does once a turn of the loop.
+        """
+        for t in list(self._direct):
+            if t.done:
+                continue  # _sinking counts the rest
+            before = t.direct_counted
+            sunk = self._count_sunk(t)
+            if t.direct_counted == before:
+                continue
+            t.active = time.monotonic()  # bytes came: not idle
+            if sunk - t.reported < _SINK_REPORT:
+                continue
+            try:
+                self._tell(t, sunk)
+            except Exception as exc:  # noqa: BLE001 - the steps raise it, once it ended
+                t.sink_error = exc
+                if id(t.slot.easy) in self._running:
+                    self._remove(t.slot, (pycurl.E_WRITE_ERROR, "stopped"), None)
+
+    def _sinking(self, t: _Transfer) -> tuple[Any, BaseException | None] | None:
+        """Count what reached ``t``'s file; once it ended, what its splice returns."""
         try:
+            sunk = self._count_sunk(t)
+            with t.lock:
+                done = t.done
+                if done:
+                    t.sink = None
             if sunk > t.reported:
-                count, t.reported = sunk - t.reported, sunk
-                moved(count)
+                self._tell(t, sunk)
             if not done:
                 return None
             t.moved = None
             if t.sink_error is not None:
                 raise t.sink_error
+            if t.code == pycurl.E_FILESIZE_EXCEEDED or sunk > t.owed_bytes:
+                # As the chunk path says it (rule 7: malformed framing is no success).
+                shown = t.request.shown
+                raise TransferError(
+                    f"{shown} sent more than its Content-Length", url=shown, retryable=False
+                )
             if t.code:
                 t.fail("while reading")
             if sunk < t.owed_bytes:
@@ -1507,6 +1686,7 @@ class CurlTransport:
             self._failed = exc
             for slot in list(self._running.values()):
                 if slot.transfer is not None:
+                    self._drop_direct(slot.transfer)
                     slot.transfer.finish(-1, f"internal error: {exc!r}", "connection")
             with self._lock:
                 stranded = [t for _, _, t in self._commands]
@@ -1640,6 +1820,8 @@ class CurlTransport:
                 flags |= pycurl.CSELECT_ERR
             self._multi.socket_action(fd, flags)
         self._collect()
+        if self._direct:
+            self._report_direct()
         self._pay_wakes()
 
     def _drain_wake(self) -> None:
@@ -1703,8 +1885,10 @@ class CurlTransport:
         except pycurl.error:
             log.debug("curl loop: removing a handle failed", exc_info=True)
         t = slot.transfer
-        if t is not None and not t.done:
-            t.finish(result[0], result[1], failure)
+        if t is not None:
+            self._end_direct(t)
+            if not t.done:
+                t.finish(result[0], result[1], failure)
 
     def _collect(self) -> None:
         while True:
@@ -1741,7 +1925,15 @@ class CurlTransport:
         except pycurl.error:
             log.debug("curl loop: removing a finished handle failed", exc_info=True)
         if t is not None:
+            self._end_direct(t)
             t.finish(code, message, failure)
+
+    def _drop_direct(self, t: _Transfer) -> None:
+        """:meth:`_end_direct` where the loop failed: the descriptor is closed whatever."""
+        try:
+            self._end_direct(t)
+        except Exception:  # closed all the same: logged, not raised
+            log.debug("curl loop: ending a direct sink failed", exc_info=True)
 
     def _check_idle(self, now: float) -> float:
         """End transfers that saw no byte for their read timeout; return the next check."""
