@@ -531,16 +531,16 @@ class Pipeline:
                     self._emit(url, reported, body.total, "progress")
             if tmp.size != reported:
                 self._emit(url, tmp.size, body.total, "progress")
-            found = None
+            hashes = None
             if expected is not None:
-                found = self._check_body(task, expected, tmp)
+                hashes = self._check_body(task, expected, tmp)
             commit = partial(tmp.commit, path, task.origin, self.opts.fsync)
             # Flushing to disk may take long: not on a thread that other downloads share.
             recorded: bool = (yield Block(commit)) if self.opts.fsync else commit()
         except BaseException:
             tmp.discard()
             raise
-        return Outcome("downloaded", path, tmp.size, content_type, recorded, found)
+        return Outcome("downloaded", path, tmp.size, content_type, recorded, hashes)
 
     def _check_body(
         self, task: Task, expected: Expected, tmp: TempFile
