@@ -178,6 +178,33 @@ def test_a_mismatch_fails_after_retries_and_leaves_nothing(
     assert listing(dest) == []  # nothing at the final name, no temporary file
 
 
+def test_a_mismatch_keeps_credentials_out_of_its_message(
+    server: ImageServer, dest: Path, each_backend: str
+) -> None:
+    url = server.url(fresh()).replace("http://", "http://user:hunter2@")
+
+    (result,) = download_all([Item(url, md5="0" * 32)], dest, retry=1)
+
+    error = result.error
+    assert isinstance(error, ChecksumError)
+    copy = pickle.loads(pickle.dumps(error))
+    for text in (str(error), repr(error), error.url, repr(result), str(copy)):
+        assert "hunter2" not in text
+    assert "md5 mismatch" in str(copy)
+
+
+def test_the_result_repr_shows_a_hash_only_when_computed(
+    server: ImageServer, dest: Path, each_backend: str
+) -> None:
+    url = server.url(fresh())
+    hashed, plain = download_all(
+        [Item(url, sha256=sha256(server.expected(url))), server.url(fresh())], dest
+    )
+    assert f"sha256={hashed.sha256!r}" in repr(hashed)
+    assert "md5" not in repr(hashed)
+    assert "sha256" not in repr(plain)
+
+
 def test_a_body_corrupted_once_heals_on_retry(
     server: ImageServer, dest: Path, each_backend: str, waits: list[float]
 ) -> None:
@@ -246,6 +273,7 @@ def test_a_body_longer_than_size_is_stopped_as_it_passes(
     assert (error.algorithm, error.expected) == ("size", size)
     assert isinstance(error.actual, int)
     assert size < error.actual <= size + CHUNK_SIZE
+    assert "is longer (stopped at" in str(error)  # as it came, not at the body's end
     assert error.retryable
     assert listing(dest) == []
 
