@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import io
 import json
@@ -84,7 +85,8 @@ def read_report(path: Path) -> list[dict[str, Any]]:
     """Every line of a report, parsed; fails on a line that is not a JSON object."""
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     for record in records:
-        assert set(record) == REPORT_KEYS, record
+        # The hashes only where computed (asked for with sha256/md5 columns).
+        assert set(record) - {"sha256", "md5"} == REPORT_KEYS, record
     return records
 
 
@@ -297,6 +299,60 @@ def test_csv_and_jsonl_with_filenames_and_bad_rows(server: ImageServer, tmp_path
         assert by_source[where]["error_type"] == "InvalidURL"
         assert text in by_source[where]["error"], by_source[where]
     assert listing(tmp_path / "out") == ["b.png", "cats", "cats/first.png", "dogs", "dogs/d.png"]
+
+
+def test_csv_and_jsonl_with_sha256_md5_and_size(server: ImageServer, tmp_path: Path) -> None:
+    a, b, c, d, e, f, g = (server.url(f"/any/sum-{n}.png") for n in "abcdefg")
+    body_a, body_b, body_e = server.expected(a), server.expected(b), server.expected(e)
+    sha_a = hashlib.sha256(body_a).hexdigest()
+    (tmp_path / "in.csv").write_text(
+        "url,sha256,md5,size\n"
+        f"{a},{sha_a.upper()},,{len(body_a)}\n"  # any case
+        f"{b},,{'0' * 32},\n"  # a wrong md5
+        f"{c},xyz,,\n"  # not a sha256
+        f"{d},,,12abc\n"  # not a size
+        f"{g},,,\n",  # empty cells: nothing expected
+        encoding="utf-8",
+    )
+    (tmp_path / "in.jsonl").write_text(
+        json.dumps({"url": e, "md5": hashlib.md5(body_e).hexdigest(), "size": len(body_e)})
+        + "\n"
+        + json.dumps({"url": f, "size": True})
+        + "\n"
+        + json.dumps({"url": f, "sha256": 5, "size": None})
+        + "\n",
+        encoding="utf-8",
+    )
+    args = ("-i", "in.csv", "-i", "in.jsonl", "-d", "out", "--retries", "0", "--report")
+
+    done = run_cli(*args, "r.jsonl", cwd=tmp_path)
+
+    assert done.returncode == 1, done.stderr
+    got = {r["source"]: r for r in read_report(tmp_path / "r.jsonl")}
+    assert (got["in.csv:2"]["status"], got["in.csv:2"]["sha256"]) == ("downloaded", sha_a)
+    assert "md5" not in got["in.csv:2"]
+    assert got["in.csv:3"]["error_type"] == "ChecksumError"
+    assert hashlib.md5(body_b).hexdigest() in got["in.csv:3"]["error"]
+    for where, text in [
+        ("in.csv:4", "sha256 must be 64 hex digits"),
+        ("in.csv:5", "size must be a number of bytes"),
+        ("in.jsonl:2", "size must be an int"),
+        ("in.jsonl:3", "sha256 must be a hex string"),
+    ]:
+        assert got[where]["status"] == "failed"
+        assert got[where]["error_type"] == "InvalidURL"
+        assert text in got[where]["error"], got[where]
+    assert got["in.csv:6"]["status"] == "downloaded"
+    assert "sha256" not in got["in.csv:6"]
+    assert got["in.jsonl:1"]["md5"] == hashlib.md5(body_e).hexdigest()
+    assert listing(tmp_path / "out") == ["sum-a.png", "sum-e.png", "sum-g.png"]
+
+    again = run_cli(*args, "r2.jsonl", cwd=tmp_path)
+
+    assert again.returncode == 1, again.stderr
+    got = {r["source"]: r for r in read_report(tmp_path / "r2.jsonl")}
+    assert (got["in.csv:2"]["status"], got["in.csv:2"]["sha256"]) == ("skipped", sha_a)
+    assert got["in.jsonl:1"]["status"] == "skipped"
 
 
 def test_a_line_that_is_not_utf8_is_a_failed_result(server: ImageServer, tmp_path: Path) -> None:

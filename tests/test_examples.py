@@ -116,6 +116,23 @@ def test_mapping_saves_under_the_chosen_names_and_refuses_an_escape(tmp_path: Pa
 
 
 @pytest.mark.timeout(60)
+def test_checksums_heal_refuse_and_skip_what_matches(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    out = run("checksums.py", "--dest", str(dest))
+    first, second = out.split("second run:")
+    server = ImageServer(n_images=0)  # expected() needs no running server
+    for name, path in (("a.png", "/any/a.png"), ("b.jpg", "/corrupt/1/b.jpg")):
+        assert (dest / name).read_bytes() == server.expected(path), name
+        digest = server.expected_sha256(path)[:12]
+        assert re.search(rf"{name}\s+skipped\s+attempts=0\s+sha256 {digest}", second), second
+    assert re.search(r"a\.png\s+downloaded\s+attempts=1", first), first
+    assert re.search(r"b\.jpg\s+downloaded\s+attempts=2", first), first  # healed
+    assert re.search(r"c\.gif\s+failed\s+attempts=3\s+ChecksumError: sha256", first), first
+    assert re.search(r"d\.webp\s+downloaded\s+attempts=1\s+no hash asked", first), first
+    assert files_below(dest) == ["a.png", "b.jpg", "d.webp"]
+
+
+@pytest.mark.timeout(60)
 def test_retry_policy_shows_attempts_per_url(tmp_path: Path) -> None:
     out = run("retry_policy.py", "--dest", str(tmp_path))
     rows = {

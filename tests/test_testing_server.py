@@ -543,6 +543,36 @@ def test_truncate_once(server: ImageServer, session: requests.Session) -> None:
     assert session.get(url, timeout=TIMEOUT).content == server.expected(url)
 
 
+def test_corrupt_then_good(server: ImageServer, session: requests.Session) -> None:
+    url = server.url("/corrupt/2/c.png")
+    good = server.expected(url)
+    bad = [session.get(url, timeout=TIMEOUT) for _ in range(2)]
+    for response in bad:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "image/png"
+        # The same length and head (it still sniffs as a PNG), another hash.
+        assert len(response.content) == len(good)
+        assert response.content[:-1] == good[:-1]
+        assert response.content != good
+    assert session.get(url, timeout=TIMEOUT).content == good
+    assert server.hits(url) == 3
+    for path in ("/corrupt/x/c.png", "/corrupt/1", "/corrupt/1/"):
+        assert session.get(server.url(path), timeout=TIMEOUT).status_code == 404
+
+
+def test_big_and_sized_bodies(server: ImageServer, session: requests.Session) -> None:
+    default = session.get(server.url("/big/b.jpg"), timeout=TIMEOUT)
+    assert default.headers["Content-Type"] == "image/jpeg"
+    assert len(default.content) == 4 * 1024 * 1024
+    assert default.content == server.expected("/big/b.jpg")
+    sized = server.url("/big/b.gif?size=3000000")
+    assert session.get(sized, timeout=TIMEOUT).content == server.expected(sized)
+    assert len(server.expected(sized)) == 3_000_000
+    corrupt = server.url("/corrupt/0/c.bmp?size=2500000")
+    assert session.get(corrupt, timeout=TIMEOUT).content == server.expected(corrupt)
+    assert abs(len(server.expected(corrupt)) - 2_500_000) < 4096
+
+
 def test_drip(server: ImageServer) -> None:
     path = "/drip/d.png?interval=0.05"
     with (

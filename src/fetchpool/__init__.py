@@ -14,6 +14,7 @@ import logging
 from .api import download_all
 from .downloader import Downloader
 from .errors import (
+    ChecksumError,
     FetchError,
     HTTPStatusError,
     InvalidURL,
@@ -24,17 +25,20 @@ from .errors import (
     TransferError,
     UnsafeFilenameError,
 )
+from .items import Item
 from .results import DownloadResult, ProgressEvent, Results, Summary
 from .retry import RetryPolicy
 
 logging.getLogger("fetchpool").addHandler(logging.NullHandler())
 
 __all__ = [
+    "ChecksumError",
     "DownloadResult",
     "Downloader",
     "FetchError",
     "HTTPStatusError",
     "InvalidURL",
+    "Item",
     "NotAnImageError",
     "ProgressEvent",
     "RedirectError",

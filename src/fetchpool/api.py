@@ -7,7 +7,11 @@ import time
 from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING
 
+from .checksums import Expected
 from .downloader import Downloader, UrlInput, _input_items
+from .errors import FetchError
+from .items import Item, expected_of
+from .naming import redact_url
 from .results import DownloadResult, Results
 
 if TYPE_CHECKING:
@@ -28,11 +32,13 @@ def download_all(
 
     Failures do not raise: each is a failed :class:`DownloadResult` carrying its
     :class:`FetchError`; call ``results.raise_for_errors()`` to raise. A URL that appears
-    more than once is downloaded once and its repeats share its result.
+    more than once is downloaded once and its repeats share its result; a repeat that
+    asks for another file name, size or hash than the first (an :class:`Item`) is a
+    failed result instead, with a :class:`FetchError` that says so.
 
     Args:
-        urls: an iterable of URL strings, or a mapping ``{url: filename}`` with
-            filenames relative to ``dest``.
+        urls: an iterable of URL strings and :class:`Item` objects (mixed as you
+            like), or a mapping ``{url: filename}`` with filenames relative to ``dest``.
         dest: the directory to download into; created if missing.
         workers: the number of threads.
         **options: the keyword options of :class:`Downloader` (``retry``, ``timeout``,
@@ -53,17 +59,51 @@ def download_all(
     items = list(_input_items(urls))
     start = time.monotonic()
     with Downloader(dest, workers, **options) as dl:
-        by_url: dict[str, Future[DownloadResult]] = {}
+        by_url: dict[str, tuple[Future[DownloadResult], _Wanted]] = {}
         futures: list[Future[DownloadResult]] = []
-        for url, filename in items:
-            fut = by_url.get(url) if isinstance(url, str) else None
-            if fut is None:
-                fut = dl.submit(url, filename)  # type: ignore[arg-type]
-                if isinstance(url, str):
-                    by_url[url] = fut
+        for item, filename in items:
+            url = item.url if isinstance(item, Item) else item
+            if not isinstance(url, str):  # not a URL: its result says so
+                futures.append(dl.submit(item, filename))  # type: ignore[arg-type]
+                continue
+            wanted = _wanted(item, filename)
+            first = by_url.get(url)
+            if first is None:
+                fut = dl.submit(item, filename)  # type: ignore[arg-type]
+                by_url[url] = (fut, wanted)
+            elif first[1] == wanted:
+                fut = first[0]
+            else:
+                fut = dl._refuse(url, _conflict(url, first[1], wanted))
             futures.append(fut)
         # One wake-up when all are done, not one per result: this thread would otherwise
         # take the GIL from the downloads once per file.
         wait(futures)
         results = [fut.result() for fut in futures]
     return Results(results, elapsed=time.monotonic() - start)
+
+
+#: What an input item asks for beyond its URL: the file name, and the expectations.
+_Wanted = tuple[str | None, Expected | None]
+
+
+def _wanted(item: object, filename: str | os.PathLike[str] | None) -> _Wanted:
+    if not isinstance(item, Item):
+        return _PLAIN if filename is None else (os.fspath(filename), None)
+    if item.filename is not None:
+        filename = item.filename
+    return (None if filename is None else os.fspath(filename)), expected_of(item)
+
+
+_PLAIN: _Wanted = (None, None)
+
+
+def _conflict(url: str, first: _Wanted, repeat: _Wanted) -> FetchError:
+    """The error of a repeated URL that asks for something else than its first occurrence."""
+    shown = redact_url(url)
+    what = "file name" if first[0] != repeat[0] else "size or hash"
+    return FetchError(
+        f"{shown} is repeated with another {what} than its first occurrence; a URL is "
+        "downloaded once per call, so its repeats must ask for the same",
+        url=shown,
+    )

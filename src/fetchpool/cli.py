@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from types import FrameType
-from typing import Final, TextIO
+from typing import Final, Literal, TextIO
 
 from . import __version__
 from .backends import on_done
+from .checksums import check_hex, check_size
 from .downloader import Downloader
 from .errors import FetchError, InvalidURL, TransferError
+from .items import Item
 from .naming import redact_url
 from .options import Backend
 from .progress import TqdmBar
@@ -164,21 +166,27 @@ input:
   URLs come from the arguments, then from each -i FILE in order. Files are read
   as the downloads go, so a file of millions of lines starts at once. Formats:
     lines  one URL per line; blank lines and lines starting with # are ignored
-    csv    a header row with a "url" column and optionally a "filename" column
-           (a path relative to DIR); with no header, the columns are
-           url[,filename]
+    csv    a header row with a "url" column and optionally "filename" (a path
+           relative to DIR), "sha256", "md5" and "size" columns; with no
+           header, the columns are url[,filename]
     tsv    the same, tab-separated
-    jsonl  one JSON object per line with "url" and optionally "filename"
+    jsonl  one JSON object per line with "url" and optionally "filename",
+           "sha256", "md5" and "size"
+  sha256 and md5 are hex digests, size a number of bytes; an empty one is none.
+  A body that does not match them fails with ChecksumError (after retries) and
+  is never saved; a file already there is skipped only if it matches them, and
+  downloaded again otherwise.
   The format follows the extension (.csv, .tsv, .jsonl, .ndjson; anything else
   is lines) unless --format says otherwise; stdin (-) is lines by default.
-  A row that is not a URL, or a line longer than {MAX_LINE // 1024} KiB, becomes a
-  failed result, never a crash.
+  A row that is not a URL, has a malformed sha256, md5 or size, or a line
+  longer than {MAX_LINE // 1024} KiB, becomes a failed result, never a crash.
 
 report:
   --report writes one JSON object per URL as it finishes (completion order),
   flushed line by line: url (without user:password), path, status (downloaded,
   skipped or failed), bytes, attempts, elapsed, content_type, error_type,
-  error, and source (the argument or FILE:LINE it came from).
+  error, source (the argument or FILE:LINE it came from), and sha256 and md5
+  when that hash was asked for (of the body, or of the file found if skipped).
 
 exit status:
   0    every URL was downloaded or skipped
@@ -192,6 +200,7 @@ examples:
   fetchpool -i urls.txt -d images -w 32 --report report.jsonl
   grep -o 'https://[^"]*\\.jpg' page.html | fetchpool -i - -d images
   fetchpool -i photos.csv -d out --retries 5 --timeout 5,60 --max-bytes 50M
+  fetchpool -i catalogue.csv -d out --report r.jsonl   # url,sha256,size columns
   jq -r 'select(.status == "failed").url' report.jsonl | fetchpool -i -"""
 
 
@@ -359,12 +368,23 @@ def _version() -> str:
 
 @dataclass(frozen=True)
 class Row:
-    """One input row: a URL with an optional file name, or why the row is bad."""
+    """One input row: a URL with an optional file name and expectations, or why the row
+    is bad."""
 
     url: str
     filename: str | None
     source: str
     problem: str | None = None
+    #: The file's expected hashes and size, if the row gives them.
+    sha256: str | None = None
+    md5: str | None = None
+    size: int | None = None
+
+    def item(self) -> str | Item:
+        """What to submit: the URL, or an :class:`Item` when the row expects something."""
+        if self.sha256 is None and self.md5 is None and self.size is None:
+            return self.url
+        return Item(self.url, sha256=self.sha256, md5=self.md5, size=self.size)
 
 
 @dataclass(frozen=True)
@@ -450,8 +470,44 @@ def _quote(text: str) -> str:
     return repr(redact_url(shown))  # repr escapes bytes that were not UTF-8
 
 
-def _row(url: object, filename: object, source: str) -> Row:
-    """Check one row's cells; anything wrong makes it a bad row."""
+#: The columns (CSV, TSV) or keys (JSONL) that say what a file must be.
+_EXPECTATIONS: Final[tuple[str, ...]] = ("sha256", "md5", "size")
+
+
+def _empty(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _hash_cell(algorithm: Literal["sha256", "md5"], value: object) -> str | None:
+    """Parse a ``sha256`` or ``md5`` cell; empty (or JSON null) is none.
+
+    Raises:
+        ValueError, TypeError: a malformed value (the message says why).
+    """
+    if _empty(value):
+        return None
+    return check_hex(algorithm, value.strip() if isinstance(value, str) else value)
+
+
+def _size_cell(value: object) -> int | None:
+    """Parse a ``size`` cell: a number of bytes (JSONL: a number or a string of digits).
+
+    Raises:
+        ValueError, TypeError: a malformed value (the message says why).
+    """
+    if _empty(value):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError(f"size must be a number of bytes, not {text[:80]!r}")
+        return int(text)
+    return check_size(value)
+
+
+def _row(url: object, filename: object, source: str, cells: dict[str, object] | None = None) -> Row:
+    """Check one row's cells (``cells``: its sha256, md5, size); anything wrong makes it
+    a bad row."""
     if not isinstance(url, str) or not url.strip():
         return _bad(source, "" if url is None else str(url), "no URL in this row")
     url = url.strip()
@@ -462,7 +518,15 @@ def _row(url: object, filename: object, source: str) -> Row:
         (url + name).encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
         return _bad(source, url, f"not valid UTF-8: {_quote(url)}")
-    return Row(url=url, filename=name or None, source=source)
+    if not cells:
+        return Row(url=url, filename=name or None, source=source)
+    try:
+        sha256 = _hash_cell("sha256", cells.get("sha256"))
+        md5 = _hash_cell("md5", cells.get("md5"))
+        size = _size_cell(cells.get("size"))
+    except (ValueError, TypeError) as exc:
+        return _bad(source, url, f"{exc} (for {_quote(url)})")
+    return Row(url, name or None, source, None, sha256, md5, size)
 
 
 def _text_rows(name: str, lines: Iterator[str | None]) -> Iterator[Row]:
@@ -493,20 +557,32 @@ def _jsonl_rows(name: str, lines: Iterator[str | None]) -> Iterator[Row]:
         elif "url" not in value:
             yield _bad(where, text, f'no "url" key in {_quote(text)}')
         else:
-            yield _row(value["url"], value.get("filename"), where)
+            cells = {key: value[key] for key in _EXPECTATIONS if key in value}
+            yield _row(value["url"], value.get("filename"), where, cells)
 
 
-def _csv_columns(cells: list[str], name: str) -> tuple[int, int | None, bool]:
-    """Return the url and filename column indexes and whether ``cells`` is a header row.
+@dataclass(frozen=True)
+class _Columns:
+    """Where a CSV file's cells are: url, filename, and the expectations' columns."""
+
+    url: int
+    filename: int | None
+    expectations: dict[str, int]
+
+
+def _csv_columns(cells: list[str], name: str) -> tuple[_Columns, bool]:
+    """Return the columns and whether ``cells`` is a header row.
 
     Raises:
         UsageError: a header row without a ``url`` column.
     """
     names = [cell.strip().lower() for cell in cells]
     if "url" in names:
-        return names.index("url"), names.index("filename") if "filename" in names else None, True
+        filename = names.index("filename") if "filename" in names else None
+        expectations = {key: names.index(key) for key in _EXPECTATIONS if key in names}
+        return _Columns(names.index("url"), filename, expectations), True
     if names[0].startswith(("http://", "https://")):
-        return 0, 1 if len(names) > 1 else None, False
+        return _Columns(0, 1 if len(names) > 1 else None, {}), False
     raise UsageError(f"{name}: the first row has no 'url' column (found: {', '.join(names)})")
 
 
@@ -520,7 +596,7 @@ def _csv_rows(name: str, lines: Iterator[str | None], delimiter: str) -> Iterato
             yield "\n" if line is None else line
 
     reader = csv.reader(physical(), delimiter=delimiter, strict=True)
-    columns: tuple[int, int | None] | None = None
+    columns: _Columns | None = None
     while True:
         where, seen = f"{name}:{reader.line_num + 1}", overlong  # a row may span lines
         try:
@@ -538,14 +614,16 @@ def _csv_rows(name: str, lines: Iterator[str | None], delimiter: str) -> Iterato
         if not any(cell.strip() for cell in cells):
             continue
         if columns is None:
-            url_col, name_col, is_header = _csv_columns(cells, name)
-            columns = (url_col, name_col)
+            columns, is_header = _csv_columns(cells, name)
             if is_header:
                 continue
-        url_col, name_col = columns
-        url = cells[url_col] if url_col < len(cells) else None
+        url = cells[columns.url] if columns.url < len(cells) else None
+        name_col = columns.filename
         filename = cells[name_col] if name_col is not None and name_col < len(cells) else None
-        yield _row(url, filename, where)
+        expected: dict[str, object] = {
+            key: cells[col] for key, col in columns.expectations.items() if col < len(cells)
+        }
+        yield _row(url, filename, where, expected)
 
 
 def _rows(urls: Sequence[str], inputs: Sequence[_Input]) -> Iterator[Row]:
@@ -628,7 +706,7 @@ class _Feeder(threading.Thread):
         """The future of ``row``'s result; ``None`` if the run is stopping."""
         if row.problem is None:
             try:
-                return self._downloader.submit(row.url, row.filename)
+                return self._downloader.submit(row.item(), row.filename)
             except Exception as exc:  # the row must still get its result
                 if self._stop.is_set():
                     return None  # the Downloader was closed by a stop
@@ -712,6 +790,11 @@ def _record(row: Row, result: DownloadResult) -> str:
         "error": None if error is None else str(error),
         "source": row.source,
     }
+    # Only where computed: a run that asks for no hash keeps its lines as they were.
+    if result.sha256 is not None:
+        record["sha256"] = result.sha256
+    if result.md5 is not None:
+        record["md5"] = result.md5
     # ASCII with escapes: valid JSON even for input that was not valid UTF-8.
     return json.dumps(record) + "\n"
 

@@ -22,8 +22,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .backends import Runner, Transport, on_done, open_transport
+from .checksums import Expected
 from .deadline import Watchdog
 from .errors import FetchError
+from .items import Item, expected_of
 from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
@@ -43,7 +45,7 @@ log = logging.getLogger("fetchpool")
 
 T = TypeVar("T")
 
-UrlInput = Iterable[str] | Mapping[str, str]
+UrlInput = Iterable[str | Item] | Mapping[str, str]
 
 
 class Downloader:
@@ -131,33 +133,43 @@ class Downloader:
     # -- public API -------------------------------------------------------------------
 
     def submit(
-        self, url: str, filename: str | os.PathLike[str] | None = None
+        self, url: str | Item, filename: str | os.PathLike[str] | None = None
     ) -> Future[DownloadResult]:
         """Schedule one download and return a future of its :class:`DownloadResult`.
 
         The future never raises for a failed download: the result says ``ok == False``.
 
         Args:
-            url: an http(s) URL (anything else becomes a failed result).
+            url: an http(s) URL (anything else becomes a failed result), or an
+                :class:`Item` (a URL with its file name, size or hash).
             filename: a path relative to ``dest`` to save to, instead of the URL's name.
 
         Raises:
             RuntimeError: the downloader is closed.
-            TypeError: ``filename`` is not a str or path.
+            TypeError: ``filename`` is not a str or path, or is given both here and
+                in the :class:`Item`.
         """
         if self._closed:
             raise RuntimeError("cannot submit to a closed Downloader")
+        expected: Expected | None = None
+        if isinstance(url, Item):
+            if url.filename is not None:
+                if filename is not None:
+                    raise TypeError("filename given twice: in the Item and as filename=")
+                filename = url.filename
+            expected = expected_of(url)
+            url = url.url
         if filename is not None and not isinstance(filename, (str, os.PathLike)):
             raise TypeError(f"filename must be str or os.PathLike, not {type(filename).__name__}")
         self._emit(url, 0, None, "started")
         if self._loop_prepares:
             # The loop starts downloads one at a time in submit order: it validates and
             # claims names itself, in that order, and this thread hands over no work.
-            future = self._runner.submit(partial(self._pipeline.steps_of, url, filename))
+            future = self._runner.submit(partial(self._pipeline.steps_of, url, filename, expected))
             on_done(future, partial(self._settle_cancelled, None, url))
             return future
         try:
-            task = self._pipeline.prepare(url, filename)
+            task = self._pipeline.prepare(url, filename, expected)
         except FetchError as exc:
             done: Future[DownloadResult] = Future()
             done.set_result(self._pipeline.refused(url, exc))
@@ -190,16 +202,28 @@ class Downloader:
         """Download ``urls`` lazily, yielding results in input order.
 
         At most ``2 * workers`` URLs are in flight or buffered, so an endless generator
-        runs in flat memory. Repeats are not merged: a repeat finds the file and skips.
+        runs in flat memory. Repeats are not merged: a repeat finds the file and skips
+        (if it matches what the repeat expects).
 
         Args:
-            urls: an iterable of URLs, or a mapping ``{url: filename}``.
+            urls: an iterable of URL strings and :class:`Item` objects, or a mapping
+                ``{url: filename}``.
 
         Raises:
             TypeError: ``urls`` is a single string.
         """
         items = _input_items(urls)
         return self._map(items)
+
+    def _refuse(self, url: str, error: FetchError) -> Future[DownloadResult]:
+        """Return the done future of a failed result for an input never submitted.
+
+        Its ``"started"`` and ``"failed"`` events are sent, as for a submitted URL.
+        """
+        self._emit(url, 0, None, "started")
+        done: Future[DownloadResult] = Future()
+        done.set_result(self._pipeline.refused(url, error))
+        return done
 
     def _map(self, items: Iterator[tuple[object, str | None]]) -> Iterator[DownloadResult]:
         window: deque[Future[DownloadResult]] = deque()

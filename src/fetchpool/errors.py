@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 __all__ = [
+    "ChecksumError",
     "FetchError",
     "HTTPStatusError",
     "InvalidURL",
@@ -104,6 +105,41 @@ class TooLargeError(FetchError):
 
 class NotAnImageError(FetchError, ValueError):
     """``verify="image"`` is set and the body does not start like an image."""
+
+
+class ChecksumError(FetchError):
+    """The body (or a file found with ``overwrite="skip"``) is not what the caller expected.
+
+    Raised when the size or a hash given with :class:`~fetchpool.Item` does not match.
+    A body that does not match is retried, like a truncated one: a corrupted transfer
+    can heal. A ``Content-Length`` that contradicts the expected size is not: the
+    server would announce the same again.
+
+    Attributes:
+        algorithm: ``"sha256"``, ``"md5"`` or ``"size"``.
+        expected: the hex digest or size the caller gave.
+        actual: what the body had: its hex digest, or its size (for a body cut short
+            when it passed the expected size, the bytes received by then).
+        retryable: whether another attempt can help.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        url: str = "",
+        algorithm: str = "",
+        expected: str | int | None = None,
+        actual: str | int | None = None,
+        retryable: bool = True,
+    ) -> None:
+        super().__init__(message, url)
+        self.algorithm = algorithm
+        self.expected = expected
+        self.actual = actual
+        self.retryable = retryable
+
+    def _extra(self) -> tuple[Any, ...]:
+        return (self.algorithm, self.expected, self.actual, self.retryable)
 
 
 class UnsafeFilenameError(FetchError, ValueError):

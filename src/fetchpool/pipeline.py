@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from .backends import Reply, Transport
+from .checksums import Algorithm, Expected, hash_file
 from .claims import Claims
 from .deadline import Guard, Watchdog
 from .errors import (
@@ -65,6 +66,10 @@ __all__ = ["Outcome", "Pipeline", "Task"]
 
 log = logging.getLogger("fetchpool")
 
+#: A file found at the final name up to this big is hashed where the pipeline runs;
+#: a bigger one in a Block step, which a driver with a loop runs on another thread.
+_HASH_INLINE_MAX = 256 * 1024
+
 
 @dataclass
 class Task:
@@ -82,6 +87,8 @@ class Task:
     directory: Path
     #: Every claim taken for this task (derived and Content-Disposition names too).
     claimed: list[Path] = field(default_factory=list)
+    #: What the caller expects of the file (from an Item), or ``None``.
+    expected: Expected | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class Outcome:
     nbytes: int
     content_type: str | None = None
     recorded: bool = False
+    #: The hashes computed (of the body, or of the file found), if any were expected.
+    digests: dict[Algorithm, str] | None = None
 
 
 class Pipeline:
@@ -133,8 +142,15 @@ class Pipeline:
 
     # -- preparing a task (caller's thread) --------------------------------------------
 
-    def prepare(self, url: object, filename: str | os.PathLike[str] | None) -> Task:
+    def prepare(
+        self,
+        url: object,
+        filename: str | os.PathLike[str] | None,
+        expected: Expected | None = None,
+    ) -> Task:
         """Validate ``url`` and claim its final path (on the caller's thread, in input order).
+
+        ``expected`` is what the caller expects of the file, if anything.
 
         Raises:
             InvalidURL: not an http(s) URL.
@@ -154,9 +170,9 @@ class Pipeline:
                     f"({shown})",
                     url=shown,
                 )
-            return Task(valid, origin, path, True, shown, secrets, path.parent, claimed=[path])
+            return Task(valid, origin, path, True, shown, secrets, path.parent, [path], expected)
         path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
-        return Task(valid, origin, path, False, shown, secrets, self.dest, claimed=[path])
+        return Task(valid, origin, path, False, shown, secrets, self.dest, [path], expected)
 
     def refused(self, url: object, error: FetchError) -> DownloadResult:
         """The result of a URL that :meth:`prepare` refused (its "failed" event sent)."""
@@ -165,12 +181,15 @@ class Pipeline:
         return result
 
     def steps_of(
-        self, url: object, filename: str | os.PathLike[str] | None
+        self,
+        url: object,
+        filename: str | os.PathLike[str] | None,
+        expected: Expected | None = None,
     ) -> Steps[DownloadResult]:
         """:meth:`prepare` and then :meth:`steps`, as one step (for a driver that starts
         downloads in submit order)."""
         try:
-            task = self.prepare(url, filename)
+            task = self.prepare(url, filename, expected)
         except FetchError as exc:
             return self.refused(url, exc)
         return (yield from self.steps(task))
@@ -189,6 +208,7 @@ class Pipeline:
         outcome: Outcome | None = None
         try:
             outcome = yield from self._download(task, attempts)
+            digests = outcome.digests
             result = DownloadResult(
                 url=task.url,
                 path=outcome.path,
@@ -199,6 +219,8 @@ class Pipeline:
                 attempts=0 if outcome.status == "skipped" else attempts[0],
                 elapsed=time.monotonic() - start,
                 content_type=outcome.content_type,
+                sha256=None if digests is None else digests.get("sha256"),
+                md5=None if digests is None else digests.get("md5"),
             )
         except FetchError as exc:
             result = self._failed(task, exc, attempts[0], start)
@@ -316,11 +338,19 @@ class Pipeline:
                     may_derive = False
                     continue
                 if found.kind == "file" and self.opts.overwrite == "skip":
+                    digests: dict[Algorithm, str] | None = None
+                    if task.expected is not None:
+                        digests, why = yield from self._check_found(task, path, found.size)
+                        if why is not None:
+                            # Not the file asked for: download it again, under this lock.
+                            log.info("%s does not match, downloading it again: %s", path, why)
+                            return lock, path, None
                     lock.release()
+                    recorded = found.origin == task.origin
                     return (
                         None,
                         path,
-                        Outcome("skipped", path, found.size, recorded=found.origin == task.origin),
+                        Outcome("skipped", path, found.size, recorded=recorded, digests=digests),
                     )
                 if self.opts.overwrite == "error" and (
                     found.kind == "file" or os.path.islink(path)
@@ -330,6 +360,31 @@ class Pipeline:
                 lock.release()
                 raise
             return lock, path, None
+
+    def _check_found(
+        self, task: Task, path: Path, size: int
+    ) -> Steps[tuple[dict[Algorithm, str] | None, str | None]]:
+        """Check the file found at ``path`` (``size`` bytes) against the expectations.
+
+        The size first (it is known: no read), then the hashes (one read).
+
+        Returns:
+            (as the step's result) the hashes computed, if any, and why the file does
+            not match, or ``None`` if it does.
+        """
+        expected = task.expected
+        assert expected is not None
+        error = expected.size_error(size, task.shown, "the file found has")
+        if error is not None:
+            return None, str(error)
+        algorithms = expected.algorithms
+        if not algorithms:
+            return None, None
+        read = partial(hash_file, path, algorithms, task.shown)
+        # A big file is read where a driver's other downloads do not wait for it.
+        digests: dict[Algorithm, str] = (yield Block(read)) if size > _HASH_INLINE_MAX else read()
+        error = expected.digest_error(digests, task.shown, "the file found has")
+        return digests, None if error is None else str(error)
 
     def _with_retries(
         self, task: Task, path: Path | None, key: str | None, attempts: list[int], start: float
@@ -421,7 +476,7 @@ class Pipeline:
         self, task: Task, path: Path, key: str, reply: Reply, guard: Guard
     ) -> Steps[Outcome]:
         shown = task.shown
-        body = Body(reply, shown, self.opts.max_bytes, guard)
+        body = Body(reply, shown, self.opts.max_bytes, guard, task.expected)
         content_type = reply.headers.get("Content-Type")
         head = b""
         while len(head) < SNIFF_BYTES:
@@ -448,12 +503,14 @@ class Pipeline:
     ) -> Steps[Outcome]:
         # ``key``: the held lock's, computed once (a SHA-256 of the name).
         directory = task.directory
+        expected = task.expected
+        digests = None if expected is None else expected.digests()
         if slow_to_create(directory):
             # Where creating a file takes long, a driver that runs many downloads on
             # one thread has it done on another, and goes on with the others meanwhile.
-            tmp: TempFile = yield Block(partial(TempFile, directory, key, task.shown))
+            tmp: TempFile = yield Block(partial(TempFile, directory, key, task.shown, digests))
         else:
-            tmp = TempFile(directory, key, task.shown)
+            tmp = TempFile(directory, key, task.shown, digests)
         url = task.url
         try:
             if head:
@@ -474,13 +531,36 @@ class Pipeline:
                     self._emit(url, reported, body.total, "progress")
             if tmp.size != reported:
                 self._emit(url, tmp.size, body.total, "progress")
+            hashes = None
+            if expected is not None:
+                hashes = self._check_body(task, expected, tmp)
             commit = partial(tmp.commit, path, task.origin, self.opts.fsync)
             # Flushing to disk may take long: not on a thread that other downloads share.
             recorded: bool = (yield Block(commit)) if self.opts.fsync else commit()
         except BaseException:
             tmp.discard()
             raise
-        return Outcome("downloaded", path, tmp.size, content_type, recorded)
+        return Outcome("downloaded", path, tmp.size, content_type, recorded, hashes)
+
+    def _check_body(
+        self, task: Task, expected: Expected, tmp: TempFile
+    ) -> dict[Algorithm, str] | None:
+        """Check the whole body in ``tmp`` against the expectations; return its hashes.
+
+        Raises:
+            ChecksumError: the size or a hash differs (retried: a transfer can heal).
+        """
+        # Longer was stopped as it came; shorter shows only now (no Content-Length).
+        error = expected.size_error(tmp.size, task.shown, "got")
+        if error is not None:
+            raise error
+        if tmp.digests is None:
+            return None
+        found = tmp.digests.hexdigests()
+        error = expected.digest_error(found, task.shown, "got")
+        if error is not None:
+            raise error
+        return found
 
     def _finish(self, result: DownloadResult) -> None:
         self._emit(result.url, result.bytes, None, "done" if result.ok else "failed")

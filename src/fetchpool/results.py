@@ -40,6 +40,9 @@ class DownloadResult:
         elapsed: seconds spent on this URL.
         content_type: the response's ``Content-Type``, if a response arrived.
         error: the :class:`FetchError` of a failed result, else ``None``.
+        sha256, md5: the hex digest computed, when that hash was expected (an
+            :class:`~fetchpool.Item` with ``sha256=`` or ``md5=``): of the body
+            downloaded, or of the file found for a skipped result; else ``None``.
     """
 
     url: str
@@ -50,6 +53,8 @@ class DownloadResult:
     elapsed: float = 0.0
     content_type: str | None = None
     error: FetchError | None = None
+    sha256: str | None = None
+    md5: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -57,10 +62,10 @@ class DownloadResult:
         return self.status != "failed"
 
     def __repr__(self) -> str:
-        return _repr_fields(
-            self,
-            ("url", "path", "status", "bytes", "attempts", "elapsed", "content_type", "error"),
-        )
+        names = ("url", "path", "status", "bytes", "attempts", "elapsed", "content_type", "error")
+        # The hashes only where computed: most results have none.
+        hashes = tuple(name for name in ("sha256", "md5") if getattr(self, name) is not None)
+        return _repr_fields(self, names + hashes)
 
     def raise_for_error(self) -> None:
         """Raise the result's error if it failed.

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from .errors import HTTPStatusError, TransferError
+from .errors import ChecksumError, HTTPStatusError, TransferError
 from .steps import Sleep, Steps, run
 
 __all__ = [
@@ -108,7 +108,7 @@ class RetryPolicy:
 
 def is_retryable(exc: BaseException) -> bool:
     """Return whether another attempt can cure ``exc`` (DESIGN rule 4)."""
-    if isinstance(exc, TransferError):
+    if isinstance(exc, TransferError | ChecksumError):
         return exc.retryable
     if isinstance(exc, HTTPStatusError):
         return exc.status_code in RETRY_STATUSES

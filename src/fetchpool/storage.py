@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from .checksums import Digests
 from .errors import StorageError
 from .naming import RESERVED_PREFIX
 
@@ -558,21 +559,36 @@ class TempFile:
     ``.fetchpool-<key>-<random>.part`` and moved with ``os.replace``. It is created with
     mode ``0o666`` so the final file gets the process umask's permissions.
 
+    Args:
+        directory: where to create it (the final path's directory).
+        key: the :func:`lock_key` of the final path.
+        url: the URL as messages show it.
+        digests: hashers to feed every byte written, if the body's hash is wanted.
+
     Attributes:
         key: the key it was created for.
         path: its name, or ``None`` while it has none.
         size: the bytes written so far.
+        digests: the hashers fed by :meth:`write` and :meth:`splice_from`, or ``None``.
+        hashing: whether this sink must see every byte of the body (``digests`` is
+            set): a writer that would put bytes into the file some other way, not
+            through :meth:`write` or :meth:`splice_from`, must not while it is true.
 
     Raises:
         StorageError: any local failure (disk full, permission...), with the errno.
     """
 
-    def __init__(self, directory: Path, key: str, url: str = "") -> None:
+    def __init__(
+        self, directory: Path, key: str, url: str = "", digests: Digests | None = None
+    ) -> None:
         self._url = url
         self._directory = directory
         self.key = key
         self.path: Path | None = None
         self.size = 0
+        self.digests = digests
+        self.hashing = digests is not None
+        self._buffer: bytearray | None = None  # splice_from's, while hashing
         began = time.perf_counter()
         try:
             self._fd: int | None = _open_unnamed(directory) if UNNAMED else None
@@ -598,12 +614,16 @@ class TempFile:
         except OSError as exc:
             raise self._error("cannot write to", self._directory, exc) from exc
         self.size += len(data)
+        if self.digests is not None:
+            self.digests.update(data)
 
     def splice_from(self, pipe_fd: int, count: int) -> None:
         """Append the next ``count`` bytes waiting in the pipe ``pipe_fd``.
 
         The pipe must already hold them: the caller moved them there. Where the
-        filesystem cannot take a splice (``EINVAL``), they are read and written instead.
+        filesystem cannot take a splice (``EINVAL``), they are read and written instead,
+        and so they are while :attr:`hashing` (read, hashed, written: one copy through
+        user memory, as cheap as a ``tee(2)`` into a second pipe read back for the hash).
 
         Args:
             pipe_fd: the read end of a pipe holding at least ``count`` bytes.
@@ -613,6 +633,9 @@ class TempFile:
             StorageError: the file could not take them (disk full, I/O error...).
         """
         assert self._fd is not None
+        if self.digests is not None:
+            self._read_hash_write(pipe_fd, count, self.digests)
+            return
         left = count
         try:
             while left:
@@ -646,14 +669,17 @@ class TempFile:
         the current offset from here on, whatever is written.
 
         Returns:
-            The descriptor (sharing this one's offset), or ``None`` where the filesystem
-            cannot allocate ahead or no descriptor is left: :meth:`write` then serves.
+            The descriptor (sharing this one's offset), or ``None`` while :attr:`hashing`
+            (the hash must see every byte), where the filesystem cannot allocate ahead,
+            or when no descriptor is left: :meth:`write` then serves.
 
         Raises:
             StorageError: no room for ``length`` more bytes (disk full, quota, file too
                 large...), with the errno.
         """
         assert self._fd is not None
+        if self.hashing:
+            return None
         try:
             os.posix_fallocate(self._fd, os.lseek(self._fd, 0, os.SEEK_CUR), length)
         except OSError as exc:
@@ -668,6 +694,26 @@ class TempFile:
     def wrote(self, count: int) -> None:
         """Count ``count`` bytes written through a descriptor :meth:`direct` gave."""
         self.size += count
+
+    def _read_hash_write(self, pipe_fd: int, count: int, digests: Digests) -> None:
+        """:meth:`splice_from` while hashing: the bytes pass through one reused buffer."""
+        assert self._fd is not None
+        if self._buffer is None:
+            self._buffer = bytearray(_HASH_BLOCK)
+        view = memoryview(self._buffer)
+        left = count
+        try:
+            while left:
+                got = os.readv(pipe_fd, [view[: min(left, _HASH_BLOCK)]])
+                if got == 0:
+                    raise OSError(errno.EIO, "the pipe ran dry before the bytes it held")
+                # hashlib and write() both let go of the GIL for a block this big.
+                digests.update(view[:got])
+                _write_all(self._fd, view[:got])
+                left -= got
+                self.size += got
+        except OSError as exc:
+            raise self._error("cannot write to", self._directory, exc) from exc
 
     def commit(self, final: Path, origin: str | None, fsync: bool) -> bool:
         """Move the file to ``final`` atomically.
@@ -746,6 +792,9 @@ class TempFile:
                 os.unlink(self.path)
             self.path = None
 
+
+#: The buffer of :meth:`TempFile.splice_from` while hashing (a pipe holds up to 1 MiB).
+_HASH_BLOCK = 1024 * 1024
 
 #: Whether :class:`TempFile` tries ``O_TMPFILE`` first (tests turn it off to exercise
 #: the named files that remain the fallback).

@@ -27,6 +27,10 @@ and gives the URL its basename (an extension such as ``.png`` picks the format):
     /fail/<n>/<code>/<name>         the first n requests answer <code>, then the image
     /reset/<name>                   half the body, then a TCP reset (also /reset-once/)
     /truncate/<name>                half the body, then a clean close (also /truncate-once/)
+    /corrupt/<n>/<name>?size=N      the first n requests get the image with its last byte
+                                    changed (same length and type, another hash), then
+                                    the image; ?size= as for /big/
+    /big/<name>?size=N              an image of N bytes (default 4 MiB, at most 256 MiB)
     /drip/<name>?interval=0.2       the body one byte per interval
     /drip-headers/<name>?interval=  the status line and headers one byte per interval
     /slow/<name>?delay=2.0          waits delay seconds, then the image
@@ -122,6 +126,8 @@ _BIG_BODY_LENGTH: Final = 50 * 1024 * 1024
 _HUGE_LENGTH: Final = 10 * 1024 * 1024 * 1024
 _DEFAULT_BOMB_SIZE: Final = 256 * 1024 * 1024
 _REDIRECT_CODES: Final = frozenset({301, 302, 303, 307, 308})
+_BIG_DEFAULT: Final = 4 * 1024 * 1024
+_BIG_MAX: Final = 256 * 1024 * 1024
 _STOP_JOIN_TIMEOUT: Final = 5.0
 _POLL_INTERVAL: Final = 0.05
 
@@ -272,14 +278,18 @@ _BUILDERS: Final[dict[str, Callable[[int, random.Random], bytes]]] = {
 }
 
 
-def _derived_image(key: str, path: str) -> tuple[str, bytes]:
-    """Pick a deterministic image for a non-corpus URL from its canonical key."""
+def _derived_image(key: str, path: str, size: int | None = None) -> tuple[str, bytes]:
+    """Pick a deterministic image for a non-corpus URL from its canonical key.
+
+    ``size``: its size in bytes, instead of one derived from the key (8-64 KiB).
+    """
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
     number = int.from_bytes(digest[:8], "big")
     basename = path.rsplit("/", 1)[-1]
     extension = basename.rsplit(".", 1)[-1].lower() if "." in basename else ""
     kind = _KIND_BY_EXTENSION.get(extension) or _KINDS[number % len(_KINDS)]
-    size = 8 * 1024 + (number >> 8) % (56 * 1024)
+    if size is None:
+        size = 8 * 1024 + (number >> 8) % (56 * 1024)
     seed = int.from_bytes(digest[8:16], "big")
     return kind, _make_image_cached(kind, size, seed)
 
@@ -369,6 +379,20 @@ def _parse_fail(t: _Target) -> tuple[int, int] | None:
     if count is None or code is None or not 200 <= code <= 599:
         return None
     return count, code
+
+
+def _parse_count(t: _Target) -> int | None:
+    """The ``<n>`` of ``/route/<n>/<name>``, or ``None`` if the path is not that."""
+    count_raw, slash, name = (t.rest or "").partition("/")
+    if t.rest is None or not slash or not name:
+        return None
+    return _small_int(count_raw)
+
+
+def _size_param(t: _Target, default: int | None) -> int | None:
+    """The ``?size=`` of a target (at most 256 MiB), ``default`` if absent or bad."""
+    size = _small_int(_query(t).get("size", ""))
+    return default if size is None else min(size, _BIG_MAX)
 
 
 def _parse_redirect(t: _Target) -> tuple[int, str] | None:
@@ -756,6 +780,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._write(head if self._head_only else head + body)
         self.close_connection = True
 
+    def _r_corrupt(self, t: _Target) -> None:
+        count = _parse_count(t)
+        image = None if count is None else self._image(t)
+        if count is None:
+            self._not_found()
+        if count is None or image is None:
+            return
+        kind, body = image
+        if self.server.owner._attempt(t.key) < count and body:
+            # The last byte: the head still sniffs as the image, the length holds.
+            body = body[:-1] + bytes((body[-1] ^ 0xFF,))
+        self._send(200, body, _CONTENT_TYPES[kind])
+
     def _r_fail(self, t: _Target) -> None:
         parsed = _parse_fail(t)
         if parsed is None:
@@ -911,6 +948,8 @@ _ROUTES: Final[dict[str, Callable[[_Handler, _Target], None]]] = {
     "conflicting-length": _Handler._r_conflicting_length,
     "broken-chunk": _Handler._r_broken_chunk,
     "fail": _Handler._r_fail,
+    "corrupt": _Handler._r_corrupt,
+    "big": _Handler._r_image,
     "status": _Handler._r_status,
     "redirect": _Handler._r_redirect,
     "redirect-to": _Handler._r_redirect_to,
@@ -1130,8 +1169,8 @@ class ImageServer:
         """Zero the hit counters, :attr:`total_requests`, :attr:`total_connections` and
         :meth:`last_headers`.
 
-        The per-URL state of ``/fail/``, ``/reset-once/`` and ``/truncate-once/`` is
-        kept; use a fresh ``<name>`` to get fresh failures.
+        The per-URL state of ``/fail/``, ``/corrupt/``, ``/reset-once/`` and
+        ``/truncate-once/`` is kept; use a fresh ``<name>`` to get fresh failures.
         """
         with self._lock:
             self._hits.clear()
@@ -1209,6 +1248,12 @@ class ImageServer:
             return _derived_image(t.key, t.path)
         if t.route == "fail":
             return _derived_image(t.key, t.path) if _parse_fail(t) is not None else None
+        if t.route == "big":
+            return _derived_image(t.key, t.path, _size_param(t, _BIG_DEFAULT))
+        if t.route == "corrupt":
+            if _parse_count(t) is None:
+                return None
+            return _derived_image(t.key, t.path, _size_param(t, None))
         if t.route == "redirect":
             parsed = _parse_redirect(t)
             if parsed is None:

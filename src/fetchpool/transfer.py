@@ -16,8 +16,9 @@ from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 from .backends import BodyEnded, Reply, Request, SpliceSink, check_guard, describe
+from .checksums import Expected
 from .deadline import Guard
-from .errors import HTTPStatusError, RedirectError, TooLargeError, TransferError
+from .errors import ChecksumError, HTTPStatusError, RedirectError, TooLargeError, TransferError
 from .naming import is_sensitive_header, redact_url, split_userinfo
 from .retry import parse_retry_after
 from .steps import Read, Send, Splice, Steps
@@ -237,14 +238,24 @@ class Body:
         shown: the URL as messages show it.
         max_bytes: the limit on decoded bytes, or ``None``.
         guard: the attempt's deadline guard.
+        expected: what the caller expects of the body; its ``size`` is checked here
+            against ``Content-Length`` and against the bytes received (that the body
+            is not shorter is the writer's to check, at its end).
 
     Raises (on construction):
         TooLargeError: ``Content-Length`` exceeds ``max_bytes``.
         TransferError: malformed ``Content-Length`` or an unsupported ``Content-Encoding``.
+        ChecksumError: ``Content-Length`` contradicts the expected size (not retried:
+            the server would announce the same again).
     """
 
     def __init__(
-        self, reply: Reply, shown: str, max_bytes: int | None, guard: Guard | None
+        self,
+        reply: Reply,
+        shown: str,
+        max_bytes: int | None,
+        guard: Guard | None,
+        expected: Expected | None = None,
     ) -> None:
         self.reply = reply
         self.shown = shown
@@ -267,6 +278,21 @@ class Body:
             raise TooLargeError(
                 f"{shown} announces {self.total} bytes, over max_bytes={max_bytes}", url=shown
             )
+        #: The expected size, if any: more decoded bytes than this stop the body.
+        self.expected_size = None if expected is None else expected.size
+        # One limit checked per chunk for both: an expected size costs no more.
+        self._limit = max_bytes
+        if expected is not None and expected.size is not None:
+            error = (
+                None
+                if self.total is None
+                else expected.size_error(self.total, shown, "its Content-Length says")
+            )
+            if error is not None:
+                error.retryable = False
+                raise error
+            if max_bytes is None or expected.size < max_bytes:
+                self._limit = expected.size
         #: Body bytes received as sent, and after decoding.
         self.received = 0
         self.decoded = 0
@@ -275,7 +301,16 @@ class Body:
 
     def _count(self, size: int) -> None:
         self.decoded += size
-        if self.max_bytes is not None and self.decoded > self.max_bytes:
+        if self._limit is not None and self.decoded > self._limit:
+            if self._limit == self.expected_size:
+                raise ChecksumError(
+                    f"size mismatch for {self.shown}: expected {self.expected_size} bytes, "
+                    f"the body is longer (stopped at {self.decoded})",
+                    url=self.shown,
+                    algorithm="size",
+                    expected=self.expected_size,
+                    actual=self.decoded,
+                )
             raise TooLargeError(
                 f"{self.shown} sent more than max_bytes={self.max_bytes} bytes", url=self.shown
             )
