@@ -24,7 +24,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from concurrent.futures import as_completed
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -1263,28 +1262,6 @@ def test_non_image_2xx_bodies(server: ImageServer, dest: Path, code: int) -> Non
     assert_failed(result, NotAnImageError, 1)
     assert server.hits(path) == 1
     assert listing(dest) == []
-
-
-# --------------------------------------------------------------------------- waits hold no worker
-
-
-@pytest.mark.timeout(30)
-def test_a_retry_wait_frees_its_worker_for_the_next_downloads(
-    server: ImageServer, dest: Path
-) -> None:
-    # Two workers, both taken first by URLs that fail once and then wait a second: the
-    # plain URLs behind them must not wait for those backoffs to end.
-    flaky = [server.url(f"/fail/1/503/{uniq('w')}") for _ in range(2)]
-    plain = [server.url(f"/any/{uniq('p')}") for _ in range(6)]
-    policy = RetryPolicy(attempts=3, wait_initial=1.0, wait_max=1.0, jitter=0.0)
-    order: list[str] = []
-    with Downloader(dest, workers=2, retry=policy) as dl:
-        futures = [dl.submit(u) for u in [*flaky, *plain]]
-        order.extend(f.result().url for f in as_completed(futures))
-        results = [f.result() for f in futures]
-    assert [r.status for r in results] == ["downloaded"] * 8
-    assert [r.attempts for r in results] == [2, 2, 1, 1, 1, 1, 1, 1]
-    assert set(order[:6]) == set(plain), order
 
 
 @pytest.mark.timeout(30)

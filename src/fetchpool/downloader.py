@@ -6,12 +6,9 @@ with an event loop (curl) drives the pipeline's steps itself, ``workers`` at onc
 
 from __future__ import annotations
 
-import heapq
 import itertools
-import logging
 import os
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .backends import Runner, Transport, on_done, open_transport
 from .checksums import Expected
@@ -30,8 +27,7 @@ from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
 from .results import DownloadResult
-from .retry import CLOCK
-from .steps import Sleep, Steps, perform
+from .steps import Steps, run
 from .storage import Pins
 
 if TYPE_CHECKING:
@@ -40,8 +36,6 @@ if TYPE_CHECKING:
     from .options import DownloadOptions
 
 __all__ = ["Downloader"]
-
-log = logging.getLogger("fetchpool")
 
 T = TypeVar("T")
 
@@ -279,154 +273,20 @@ class Downloader:
 
 
 class _Threads:
-    """The requests backend's runner: downloads' steps on a pool of worker threads.
-
-    A download waiting out a retry's backoff or a ``Retry-After`` does not hold its
-    thread: its steps are parked on a timer (:class:`_Timers`) and taken up again, on
-    any worker, once the wait is over (at once when the downloader cancels). The other
-    downloads go on meanwhile, as on the curl backend's loop.
-    """
+    """The requests backend's runner: each download's steps on a worker thread."""
 
     def __init__(self, workers: int, transport: Transport) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
         self._transport = transport
-        self._timers = _Timers()
-        self._lock = threading.Lock()
-        self._all_done = threading.Condition(self._lock)
-        # The futures handed out and not yet done (a set, not a count: an interrupt
-        # between two statements must not leave it skewed for good).
-        self._unfinished: set[Future[Any]] = set()
 
     def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
-        future: Future[T] = Future()
-        with self._lock:
-            self._unfinished.add(future)
-        on_done(future, self._finished)
-        try:
-            self._executor.submit(self._start, start, future)
-        except BaseException:
-            with self._lock:
-                self._unfinished.discard(future)
-            raise
-        return future
-
-    def _finished(self, future: Future[Any]) -> None:
-        with self._lock:
-            self._unfinished.discard(future)
-            if not self._unfinished:
-                self._all_done.notify_all()
-
-    def _start(self, start: Callable[[], Steps[T]], future: Future[T]) -> None:
-        if future.set_running_or_notify_cancel():
-            self._drive(start(), future, None, None)
-
-    def _drive(
-        self, steps: Steps[T], future: Future[T], value: Any, error: BaseException | None
-    ) -> None:
-        """Run ``steps`` on this thread until they end or wait out a retry's backoff."""
-        while True:
-            try:
-                effect = steps.send(value) if error is None else steps.throw(error)
-            except StopIteration as stop:
-                future.set_result(stop.value)
-                return
-            except BaseException as exc:  # noqa: BLE001 - the future's, as on an executor
-                future.set_exception(exc)
-                return
-            value, error = None, None
-            if isinstance(effect, Sleep) and CLOCK.record is None:
-                self._timers.add(effect.seconds, effect.cancel, partial(self._wake, steps, future))
-                return
-            try:
-                value = perform(effect, self._transport)
-            except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide
-                error = exc
-
-    def _wake(self, steps: Steps[T], future: Future[T]) -> None:
-        # The executor takes work until shutdown(wait=True), which waits for every
-        # future first: a parked download finds it open, but at interpreter exit.
-        try:
-            self._executor.submit(self._drive, steps, future, None, None)
-        except RuntimeError:  # the interpreter is exiting: finish it here, not never
-            self._drive(steps, future, None, None)
+        return self._executor.submit(lambda: run(start(), self._transport))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if cancel_futures:
-            with self._lock:
-                unfinished = list(self._unfinished)
-            for future in unfinished:
-                future.cancel()  # those not started yet; a running one refuses
-        if wait:
-            with self._lock:
-                while self._unfinished:
-                    self._all_done.wait()
-            self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
 
     def wake(self) -> None:
-        self._timers.rouse()  # the cancel event was set: end the waits now
-
-
-class _Timers:
-    """One thread calling each callback when its wait is over, or its event set.
-
-    The thread runs only while there is a wait: it starts with the first and ends
-    with the last.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, threading.Event, Callable[[], object]]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._roused = False
-
-    def add(self, seconds: float, cancel: threading.Event, fn: Callable[[], object]) -> None:
-        """Call ``fn()`` in ``seconds``, or as soon as :meth:`rouse` finds ``cancel`` set."""
-        with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + seconds, next(self._seq), cancel, fn))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="fetchpool-timers", daemon=True
-                )
-                self._thread.start()
-            else:
-                self._cond.notify()
-
-    def rouse(self) -> None:
-        """Call at once the callbacks whose event is set."""
-        with self._cond:
-            self._roused = True
-            self._cond.notify()
-
-    def _run(self) -> None:
-        with self._cond:
-            while self._heap:
-                now = time.monotonic()
-                due: list[Callable[[], object]] = []
-                if self._roused:
-                    self._roused = False
-                    due = [e[3] for e in self._heap if e[2].is_set()]
-                    self._heap = [e for e in self._heap if not e[2].is_set()]
-                    heapq.heapify(self._heap)
-                while self._heap and self._heap[0][0] <= now:
-                    due.append(heapq.heappop(self._heap)[3])
-                if not due:
-                    self._cond.wait(self._heap[0][0] - now)
-                    continue
-                self._cond.release()
-                try:
-                    for fn in due:
-                        _call_logged(fn)
-                finally:
-                    self._cond.acquire()
-            self._thread = None
-
-
-def _call_logged(fn: Callable[[], object]) -> None:
-    try:
-        fn()
-    except Exception:  # a bug: it must not stop the timers of the other downloads
-        log.exception("a parked download could not be resumed")
+        pass  # a worker waiting to retry waits on the cancel event itself
 
 
 def _release(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:

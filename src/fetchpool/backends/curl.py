@@ -1141,11 +1141,10 @@ class CurlTransport:
         """Start queued downloads while there is room; return whether one started.
 
         ``extra``: downloads whose transfer is over and that only write their file now,
-        not counted (their successors may send meanwhile). Nor are those waiting out a
-        retry's backoff: a wait gives its place to the next download.
+        not counted (their successors may send meanwhile).
         """
         started = False
-        while len(self._runs) - len(self._sleepers) < self._limit + extra:
+        while len(self._runs) < self._limit + extra:
             with self._lock:
                 if not self._queue:
                     return started
@@ -1792,7 +1791,7 @@ class CurlTransport:
             if (
                 self._commands
                 or self._blocked
-                or (self._queue and len(self._runs) - len(self._sleepers) < self._limit)
+                or (self._queue and len(self._runs) < self._limit)
                 or (self._sends and len(self._running) < self._limit)
             ):
                 wait = 0.0  # posted from this thread (no wake-up written), or runnable now
