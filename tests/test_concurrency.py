@@ -946,3 +946,26 @@ def test_close_closes_every_connection_while_failed_results_are_kept(
     assert len(failed) == 43
     assert all(r.error is not None and r.error.__traceback__ is not None for r in failed)
     assert _open_sockets() <= before
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_close_waits_cancels_what_is_pending(server: ImageServer, dest: Path) -> None:
+    # The with block ended well and close() waits for the downloads; Ctrl-C there must
+    # cancel what is pending (DESIGN), not leave it running behind the interrupt.
+    urls = [server.url(f"/slow/ctrlc{i}.png?delay=0.5") for i in range(12)]
+    dl = Downloader(dest, workers=1)
+    futures = [dl.submit(u) for u in urls]
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dl.close()
+    finally:
+        timer.cancel()
+    assert all(f.done() for f in futures)
+    ended = [f.result() for f in futures if not f.cancelled()]
+    assert sum(r.status == "downloaded" for r in ended) <= 2
+    assert len(ended) < len(futures)  # the pending ones were cancelled, not run
+    assert temp_files(dest) == []

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .backends import Runner, Transport, on_done, open_transport
 from .checksums import Expected
@@ -242,23 +242,34 @@ class Downloader:
         """
         self._closed = True
         if cancel:
-            # Empty the queue first, so that no worker freed by the cancel below picks up
-            # a pending download (which must end cancelled, not failed).
-            self._closing = True
-            try:
-                self._runner.shutdown(wait=False, cancel_futures=True)
-            finally:
-                self._closing = False
-            while self._cancelled_urls:
-                self._emit(self._cancelled_urls.popleft(), 0, None, "failed")
-            self._cancel.set()
-            self._watchdog.cancel_all()
-            self._runner.wake()
-        self._runner.shutdown(wait=True)
-        self._watchdog.stop()
-        self._transport.close()
-        self._pipeline.pins.release()
-        self._emit.close()
+            self._cancel_all()
+        try:
+            self._runner.shutdown(wait=True)
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C after the with block ended well): what is
+            # pending is cancelled and what is in flight stops, then the interrupt goes on.
+            self._cancel_all()
+            self._runner.shutdown(wait=True)
+            raise
+        finally:
+            self._watchdog.stop()
+            self._transport.close()
+            self._pipeline.pins.release()
+            self._emit.close()
+
+    def _cancel_all(self) -> None:
+        # Empty the queue first, so that no worker freed by the cancel below picks up a
+        # pending download (which must end cancelled, not failed).
+        self._closing = True
+        try:
+            self._runner.shutdown(wait=False, cancel_futures=True)
+        finally:
+            self._closing = False
+        while self._cancelled_urls:
+            self._emit(self._cancelled_urls.popleft(), 0, None, "failed")
+        self._cancel.set()
+        self._watchdog.cancel_all()
+        self._runner.wake()
 
     def __enter__(self) -> Downloader:
         return self
@@ -278,12 +289,33 @@ class _Threads:
     def __init__(self, workers: int, transport: Transport) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
         self._transport = transport
+        self._lock = threading.Lock()
+        self._all_done = threading.Condition(self._lock)
+        # The futures not done yet: shutdown(wait=True) waits for them, not by joining
+        # the threads. A join that a Ctrl-C interrupted may later return at once while
+        # its thread still runs (CPython up to 3.12), and close() waits again after one.
+        self._unfinished: set[Future[Any]] = set()
 
     def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
-        return self._executor.submit(lambda: run(start(), self._transport))
+        future = self._executor.submit(lambda: run(start(), self._transport))
+        with self._lock:
+            self._unfinished.add(future)
+        on_done(future, self._finished)
+        return future
+
+    def _finished(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._unfinished.discard(future)
+            if not self._unfinished:
+                self._all_done.notify_all()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+        self._executor.shutdown(wait=False, cancel_futures=cancel_futures)
+        if wait:
+            with self._lock:
+                while self._unfinished:
+                    self._all_done.wait()
+            self._executor.shutdown(wait=True)
 
     def wake(self) -> None:
         pass  # a worker waiting to retry waits on the cancel event itself
