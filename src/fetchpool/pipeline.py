@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .backends import Reply, Transport
 from .checksums import Algorithm, Expected, hash_file
@@ -91,9 +91,12 @@ class Task:
     expected: Expected | None = None
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a download that did not fail came to."""
+class Outcome(NamedTuple):
+    """What a download that did not fail came to.
+
+    A named tuple, not a frozen dataclass: one is made per file, and a frozen dataclass's
+    ``__init__`` is a Python call that sets each field by hand.
+    """
 
     status: Literal["downloaded", "skipped"]
     path: Path
