@@ -1219,9 +1219,11 @@ class CurlTransport:
         effect.guard.on_fire(partial(self.post, "abort", slot, t))
         self._add(slot, t)
 
-    def _resume_sends(self) -> None:
-        """Send the requests that waited for room, while there is room."""
+    def _resume_sends(self) -> bool:
+        """Send the requests that waited for room, while there is room; return whether
+        one went to libcurl."""
         sends = self._sends
+        sent = False
         while sends and len(self._running) < self._limit:
             run = sends.popleft()
             effect = run.parked
@@ -1231,6 +1233,9 @@ class CurlTransport:
                 self._send(run, effect)
             except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
                 self._step(run, None, exc)
+            else:
+                sent = True
+        return sent
 
     def _sink(self, effect: Splice) -> tuple[Any, BaseException | None] | None:
         """Start writing a big body into its file as it arrives (sink mode).
@@ -1735,11 +1740,15 @@ class CurlTransport:
             ended += t.done and run is not None and run.parked is t
         if not ended:
             return
-        self._resume_sends()
-        if self._start_runs(extra=ended) or self._sends:
-            self._resume_sends()
-            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-            self._collect()
+        # Those that waited for room first (the ended transfers made it), then new ones.
+        sent = self._resume_sends()
+        if self._start_runs(extra=ended) or sent:
+            self._push_requests()
+
+    def _push_requests(self) -> None:
+        """Have libcurl send the requests just added now, not at its next turn."""
+        self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        self._collect()
 
     def _start_early(self) -> None:
         # A download ended in a turn that has gone on for a while: start the next one
@@ -1750,8 +1759,7 @@ class CurlTransport:
         now = time.monotonic()
         if now - self._turn_began >= _START_EARLY_AFTER and self._start_runs():
             self._turn_began = now
-            self._multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-            self._collect()
+            self._push_requests()
 
     def idle_check_by(self, when: float) -> None:
         """Have the loop look for idle transfers no later than ``when`` (loop thread)."""
