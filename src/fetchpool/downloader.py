@@ -13,6 +13,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -165,9 +166,7 @@ class Downloader:
         try:
             task = self._pipeline.prepare(url, filename, expected)
         except FetchError as exc:
-            done: Future[DownloadResult] = Future()
-            done.set_result(self._pipeline.refused(url, exc))
-            return done
+            return self._refused(url, exc)
         try:
             future = self._runner.submit(partial(self._pipeline.steps, task))
         except BaseException:
@@ -215,6 +214,10 @@ class Downloader:
         Its ``"started"`` and ``"failed"`` events are sent, as for a submitted URL.
         """
         self._emit(url, 0, None, "started")
+        return self._refused(url, error)
+
+    def _refused(self, url: object, error: FetchError) -> Future[DownloadResult]:
+        # The done future of a URL refused before it ran ("failed" event sent).
         done: Future[DownloadResult] = Future()
         done.set_result(self._pipeline.refused(url, error))
         return done
@@ -290,7 +293,6 @@ class _Threads:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
         self._transport = transport
         self._lock = threading.Lock()
-        self._all_done = threading.Condition(self._lock)
         # The futures not done yet: shutdown(wait=True) waits for them, not by joining
         # the threads. A join that a Ctrl-C interrupted may later return at once while
         # its thread still runs (CPython up to 3.12), and close() waits again after one.
@@ -306,15 +308,13 @@ class _Threads:
     def _finished(self, future: Future[Any]) -> None:
         with self._lock:
             self._unfinished.discard(future)
-            if not self._unfinished:
-                self._all_done.notify_all()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._executor.shutdown(wait=False, cancel_futures=cancel_futures)
         if wait:
             with self._lock:
-                while self._unfinished:
-                    self._all_done.wait()
+                unfinished = list(self._unfinished)  # none is added once shut down
+            futures_wait(unfinished)
             self._executor.shutdown(wait=True)
 
     def wake(self) -> None:
