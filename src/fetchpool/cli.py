@@ -143,6 +143,23 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value.strip()
 
 
+def parse_rate(text: str) -> float:
+    """Parse a number of requests per second, more than 0 and at most 1e6.
+
+    Raises:
+        argparse.ArgumentTypeError: not such a number.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of requests per second: {text!r}") from None
+    if not 0 < value <= 1e6:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be > 0 and <= 1e6 requests per second, not {text!r}"
+        )
+    return value
+
+
 def _whole(text: str, minimum: int = 0) -> int:
     try:
         value = int(text)
@@ -241,6 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="N",
         help="concurrent downloads (default: 8)",
+    )
+    parser.add_argument(
+        "--per-host",
+        type=partial(_whole, minimum=1),
+        default=None,
+        metavar="N",
+        help="at most N downloads talking to one host (scheme, host, port) at once; "
+        "the other workers go on with other hosts (default: only --workers bounds it)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=parse_rate,
+        default=None,
+        metavar="R",
+        help="at most R requests per second started to one host, evenly spaced "
+        "(e.g. 2 or 0.5; default: no limit). With --per-host or --rate, a 429 or 503 "
+        "with Retry-After pauses that host for every worker",
     )
     parser.add_argument(
         "--retries",
@@ -969,6 +1003,8 @@ def _open(
                 headers=dict(args.header),
                 progress=progress,
                 backend=backend,
+                per_host=args.per_host,
+                rate=args.rate,
             )
         except ImportError as exc:
             raise UsageError(str(exc)) from None

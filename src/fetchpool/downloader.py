@@ -7,8 +7,10 @@ with an event loop (curl) drives the pipeline's steps itself, ``workers`` at onc
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +25,7 @@ from .backends import Runner, Transport, on_done, open_transport
 from .checksums import Expected
 from .deadline import Watchdog
 from .errors import FetchError
+from .hosts import HostLimits, Ticket
 from .items import Item, expected_of
 from .options import Options, make_options
 from .pipeline import Pipeline, Task
@@ -119,9 +122,17 @@ class Downloader:
         self._closed = False
         self._closing = False
         self._cancelled_urls: deque[object] = deque()
+        opts = self._opts
+        self._hosts: HostLimits[Any] | None = (
+            HostLimits(opts.per_host, opts.rate, opts.retry.retry_after_cap)
+            if opts.host_limits
+            else None
+        )
         make_runner = getattr(self._transport, "runner", None)
         self._runner: Runner = (
-            make_runner(workers) if make_runner is not None else _Threads(workers, self._transport)
+            make_runner(workers, self._hosts)
+            if make_runner is not None
+            else _Threads(workers, self._transport, self._hosts)
         )
         self._loop_prepares = make_runner is not None
 
@@ -157,18 +168,23 @@ class Downloader:
         if filename is not None and not isinstance(filename, (str, os.PathLike)):
             raise TypeError(f"filename must be str or os.PathLike, not {type(filename).__name__}")
         self._emit(url, 0, None, "started")
+        hosts = self._hosts
+        ticket = None if hosts is None or not isinstance(url, str) else hosts.ticket(url)
         if self._loop_prepares:
             # The loop starts downloads one at a time in submit order: it validates and
             # claims names itself, in that order, and this thread hands over no work.
-            future = self._runner.submit(partial(self._pipeline.steps_of, url, filename, expected))
+            future = self._runner.submit(
+                partial(self._pipeline.steps_of, url, filename, expected, ticket), ticket
+            )
             on_done(future, partial(self._settle_cancelled, None, url))
             return future
         try:
             task = self._pipeline.prepare(url, filename, expected)
         except FetchError as exc:
             return self._refused(url, exc)
+        task.ticket = ticket
         try:
-            future = self._runner.submit(partial(self._pipeline.steps, task))
+            future = self._runner.submit(partial(self._pipeline.steps, task), ticket)
         except BaseException:
             # Closed meanwhile, or no thread could be started: the task never runs.
             self._pipeline.release_claims(task, None)
@@ -272,6 +288,8 @@ class Downloader:
             self._emit(self._cancelled_urls.popleft(), 0, None, "failed")
         self._cancel.set()
         self._watchdog.cancel_all()
+        if self._hosts is not None:
+            self._hosts.wake_all()  # those waiting for a host's turn, first
         self._runner.wake()
 
     def __enter__(self) -> Downloader:
@@ -287,34 +305,124 @@ class Downloader:
 
 
 class _Threads:
-    """The requests backend's runner: each download's steps on a worker thread."""
+    """The requests backend's runner: each download's steps on a worker thread.
 
-    def __init__(self, workers: int, transport: Transport) -> None:
+    With per-host limits, downloads wait in the limits' queue, not the executor's: a
+    worker is given the first one whose host has room, when it is free.
+    """
+
+    def __init__(
+        self, workers: int, transport: Transport, hosts: HostLimits[Any] | None = None
+    ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
         self._transport = transport
+        self._workers = workers
+        self._hosts = hosts
         self._lock = threading.Lock()
         # The futures not done yet: shutdown(wait=True) waits for them, not by joining
         # the threads. A join that a Ctrl-C interrupted may later return at once while
         # its thread still runs (CPython up to 3.12), and close() waits again after one.
         self._unfinished: set[Future[Any]] = set()
+        self._busy = 0  # downloads handed to the executor (with per-host limits)
+        self._timer: threading.Timer | None = None
+        self._refusing = False  # shut down: no new downloads
+        self._closed = False  # and none queued will start
 
-    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
-        future = self._executor.submit(lambda: run(start(), self._transport))
+    def submit(self, start: Callable[[], Steps[T]], ticket: Ticket | None = None) -> Future[T]:
+        hosts = self._hosts
+        if hosts is None or ticket is None:
+            future = self._executor.submit(lambda: run(start(), self._transport))
+        else:
+            if self._refusing:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = Future()
+            hosts.push((future, start, ticket), ticket)
         with self._lock:
             self._unfinished.add(future)
         on_done(future, self._finished)
+        if hosts is not None and ticket is not None:
+            self._pump()
         return future
+
+    def _pump(self) -> None:
+        """Hand queued downloads whose host has room to free workers."""
+        hosts = self._hosts
+        assert hosts is not None
+        while True:
+            with self._lock:
+                if self._closed or self._busy >= self._workers:
+                    return
+                item = hosts.pop()
+                if item is None:
+                    break
+                self._busy += 1
+            try:
+                self._executor.submit(self._run_queued, *item)
+            except RuntimeError:  # shut down meanwhile: the download never runs
+                with self._lock:
+                    self._busy -= 1
+                item[2].finish()
+                item[0].cancel()
+                return
+        self._arm_timer(hosts.next_check())
+
+    def _arm_timer(self, when: float) -> None:
+        # A host paused by Retry-After takes queued downloads again when the pause ends,
+        # even if no download ends then to pump the queue.
+        if when == math.inf:
+            return
+        with self._lock:
+            if self._closed or self._timer is not None:
+                return
+            timer = self._timer = threading.Timer(
+                max(0.0, when - time.monotonic()), self._timer_fired
+            )
+            timer.daemon = True
+        timer.start()
+
+    def _timer_fired(self) -> None:
+        with self._lock:
+            self._timer = None
+        self._pump()
+
+    def _run_queued(
+        self, future: Future[Any], start: Callable[[], Steps[Any]], ticket: Ticket
+    ) -> None:
+        try:
+            if not future.set_running_or_notify_cancel():
+                ticket.finish()
+                return
+            try:
+                result = run(start(), self._transport)
+            except BaseException as exc:  # noqa: BLE001 - the future's to report
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+        finally:
+            with self._lock:
+                self._busy -= 1
+            self._pump()
 
     def _finished(self, future: Future[Any]) -> None:
         with self._lock:
             self._unfinished.discard(future)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._refusing = True
+        if cancel_futures and self._hosts is not None:
+            for future, _, ticket in self._hosts.drain():
+                ticket.finish()
+                future.cancel()
         self._executor.shutdown(wait=False, cancel_futures=cancel_futures)
         if wait:
             with self._lock:
                 unfinished = list(self._unfinished)  # none is added once shut down
             futures_wait(unfinished)
+            with self._lock:
+                self._closed = True
+                timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
             self._executor.shutdown(wait=True)
 
     def wake(self) -> None:

@@ -51,6 +51,8 @@ class DownloadOptions(TypedDict, total=False):
     session_factory: SessionFactory | None
     progress: bool | ProgressCallback | None
     backend: Backend
+    per_host: int | None
+    rate: float | None
 
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -73,6 +75,13 @@ class Options:
     session_factory: SessionFactory | None = None
     progress: bool | ProgressCallback | None = None
     backend: Backend = "requests"
+    per_host: int | None = None
+    rate: float | None = None
+
+    @property
+    def host_limits(self) -> bool:
+        """Whether per-host limits are on (``per_host`` or ``rate``)."""
+        return self.per_host is not None or self.rate is not None
 
 
 #: The option names, in the order the docs list them.
@@ -143,6 +152,19 @@ def make_options(given: Mapping[str, Any]) -> Options:
         raise ValueError(f"backend must be one of {names}, not {backend!r}")
     if backend != "requests" and session_factory is not None:
         raise TypeError(f"session_factory needs backend='requests', not {backend!r}")
+    per_host = raw["per_host"]
+    if per_host is not None:
+        if isinstance(per_host, bool) or not isinstance(per_host, int):
+            raise TypeError(f"per_host must be an int or None, not {type(per_host).__name__}")
+        if per_host < 1:
+            raise ValueError(f"per_host must be at least 1, not {per_host}")
+    rate = raw["rate"]
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise TypeError(f"rate must be a number or None, not {type(rate).__name__}")
+        if not math.isfinite(rate) or not 0 < rate <= 1e6:
+            raise ValueError(f"rate must be > 0 and at most 1e6 requests per second, not {rate!r}")
+        rate = float(rate)
     return Options(
         retry=RetryPolicy.coerce(raw["retry"]),
         timeout=pair,
@@ -157,6 +179,8 @@ def make_options(given: Mapping[str, Any]) -> Options:
         session_factory=session_factory,
         progress=progress,
         backend=backend,
+        per_host=per_host,
+        rate=rate,
     )
 
 

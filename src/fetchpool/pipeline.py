@@ -30,6 +30,7 @@ from .errors import (
     TransferError,
     UnsafeFilenameError,
 )
+from .hosts import Ticket
 from .naming import (
     check_relative_filename,
     derived_name,
@@ -47,7 +48,7 @@ from .progress import Emitter
 from .results import DownloadResult
 from .retry import CLOCK, is_retryable, retrying
 from .sniff import SNIFF_BYTES, sniff_image
-from .steps import Block, Steps, run
+from .steps import Admit, Block, Steps, run
 from .storage import (
     Cancelled,
     PathLock,
@@ -89,6 +90,8 @@ class Task:
     claimed: list[Path] = field(default_factory=list)
     #: What the caller expects of the file (from an Item), or ``None``.
     expected: Expected | None = None
+    #: Its standing with the per-host limits, if they are on.
+    ticket: Ticket | None = None
 
 
 class Outcome(NamedTuple):
@@ -188,13 +191,17 @@ class Pipeline:
         url: object,
         filename: str | os.PathLike[str] | None,
         expected: Expected | None = None,
+        ticket: Ticket | None = None,
     ) -> Steps[DownloadResult]:
         """:meth:`prepare` and then :meth:`steps`, as one step (for a driver that starts
-        downloads in submit order)."""
+        downloads in submit order); ``ticket``: the download's, with per-host limits."""
         try:
             task = self.prepare(url, filename, expected)
         except FetchError as exc:
+            if ticket is not None:
+                ticket.finish()
             return self.refused(url, exc)
+        task.ticket = ticket
         return (yield from self.steps(task))
 
     def run(self, task: Task) -> DownloadResult:
@@ -240,6 +247,8 @@ class Pipeline:
             result = self._failed(task, error, attempts[0], start)
         finally:
             self.release_claims(task, outcome)
+            if task.ticket is not None:
+                task.ticket.finish()
         self._finish(result)
         return result
 
@@ -434,6 +443,15 @@ class Pipeline:
             raise Cancelled
         if time_left <= 0:
             raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
+        ticket = task.ticket
+        if ticket is not None:
+            # The host's turn is waited for outside the attempt's deadline: a busy host
+            # delays the request, it does not fail it.
+            waited = CLOCK.monotonic()
+            yield Admit(ticket, ticket.key, self._cancel)
+            time_left -= CLOCK.monotonic() - waited
+            if time_left <= 0:
+                raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
         limit = "deadline" if self.opts.deadline <= time_left else "retry budget"
         with self._watchdog.guard(min(self.opts.deadline, time_left), limit) as guard:
             log.debug("GET %s", shown)
@@ -445,6 +463,8 @@ class Pipeline:
                 guard=guard,
                 secrets=task.secrets,
                 shown=shown,
+                ticket=ticket,
+                cancel=self._cancel,
             )
             try:
                 lock: PathLock | None = None

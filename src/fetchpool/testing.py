@@ -567,6 +567,7 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         target = _target(self.path)
         owner._record(target.path, self.headers.items())
+        owner._in_flight(1)
         try:
             latency = owner.latency
             if latency > 0 and self._pause(latency):
@@ -583,6 +584,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             # The client went away, or stop() shut the socket down under us.
             self.close_connection = True
+        finally:
+            owner._in_flight(-1)
 
     def _pause(self, seconds: float) -> bool:
         """Sleep without holding the GIL; True (and close) if the server is stopping."""
@@ -1019,6 +1022,9 @@ class ImageServer:
         self._last_headers: dict[str, dict[str, str]] = {}
         self._total = 0
         self._accepted = 0
+        self._serving = 0
+        self._peak = 0
+        self._times: list[float] = []
         self._lifecycle = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -1166,8 +1172,8 @@ class ImageServer:
             return self._hits[key]
 
     def reset_hits(self) -> None:
-        """Zero the hit counters, :attr:`total_requests`, :attr:`total_connections` and
-        :meth:`last_headers`.
+        """Zero the hit counters, :attr:`total_requests`, :attr:`total_connections`,
+        :attr:`peak_concurrency`, :attr:`request_times` and :meth:`last_headers`.
 
         The per-URL state of ``/fail/``, ``/corrupt/``, ``/reset-once/`` and
         ``/truncate-once/`` is kept; use a fresh ``<name>`` to get fresh failures.
@@ -1177,6 +1183,8 @@ class ImageServer:
             self._last_headers.clear()
             self._total = 0
             self._accepted = 0
+            self._peak = self._serving
+            self._times.clear()
 
     def _count_connection(self) -> None:
         with self._lock:
@@ -1193,6 +1201,20 @@ class ImageServer:
         """Number of requests served (all paths) since start or :meth:`reset_hits`."""
         with self._lock:
             return self._total
+
+    @property
+    def peak_concurrency(self) -> int:
+        """The most requests served at once since start or :meth:`reset_hits` (a request
+        counts from its arrival until its answer is written)."""
+        with self._lock:
+            return self._peak
+
+    @property
+    def request_times(self) -> list[float]:
+        """When each request arrived (``time.monotonic()``), since start or
+        :meth:`reset_hits`, in order."""
+        with self._lock:
+            return list(self._times)
 
     def last_headers(self, path: str) -> dict[str, str] | None:
         """Return the headers of the latest request for a path, or None if none came.
@@ -1217,6 +1239,12 @@ class ImageServer:
             self._hits[path] += 1
             self._total += 1
             self._last_headers[path] = joined
+            self._times.append(time.monotonic())
+
+    def _in_flight(self, step: int) -> None:
+        with self._lock:
+            self._serving += step
+            self._peak = max(self._peak, self._serving)
 
     def _attempt(self, key: str) -> int:
         """Count a request to a stateful URL; return how many came before it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import threading
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -19,9 +20,10 @@ from .backends import BodyEnded, Reply, Request, SpliceSink, check_guard, descri
 from .checksums import Expected
 from .deadline import Guard
 from .errors import ChecksumError, HTTPStatusError, RedirectError, TooLargeError, TransferError
+from .hosts import Ticket, host_key
 from .naming import is_sensitive_header, redact_url, split_userinfo
 from .retry import parse_retry_after
-from .steps import Read, Send, Splice, Steps
+from .steps import Admit, Read, Send, Splice, Steps
 
 __all__ = [
     "CHUNK_SIZE",
@@ -74,13 +76,17 @@ def open_response(
     guard: Guard,
     secrets: tuple[str, ...],
     shown: str = "",
+    ticket: Ticket | None = None,
+    cancel: threading.Event | None = None,
 ) -> Steps[Reply]:
     """Send GET for ``url``, following up to 10 redirects; the step ends with the 2xx reply.
 
     The reply is streamed: its body is unread. The caller must close it.
     ``secrets`` (from :func:`~fetchpool.naming.secrets_of`) are kept out of messages.
     ``shown`` is the URL as messages show it (:func:`~fetchpool.naming.redact_url`), if
-    the caller has it already.
+    the caller has it already. With per-host limits, ``ticket`` is the download's, already
+    admitted for the first request: each redirect hop is admitted to its own host (until
+    ``cancel`` is set), and a 429 or 503 with ``Retry-After`` pauses the host that sent it.
 
     Raises:
         HTTPStatusError: the final answer is not 2xx (its body is never read).
@@ -96,6 +102,10 @@ def open_response(
     seen = {current}
     cross_origin = False
     for hop in range(MAX_REDIRECTS + 1):
+        if hop and ticket is not None:
+            key = host_key(current)
+            if key is not None:
+                yield Admit(ticket, key, cancel or threading.Event())
         request = Request(
             url=current,
             headers=_request_headers(headers, cross_origin),
@@ -116,6 +126,10 @@ def open_response(
         reply.close()
         if status not in _REDIRECT_STATUSES or location is None:
             retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+            if ticket is not None and retry_after and status in (429, 503):
+                key = host_key(current)
+                if key is not None:
+                    ticket.pause(key, retry_after, status)
             reason = reply.reason or http.client.responses.get(status, "")
             raise HTTPStatusError(
                 f"HTTP {status} {reason} for {shown}".rstrip(),

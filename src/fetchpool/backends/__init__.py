@@ -19,6 +19,7 @@ from ..errors import FetchError, InvalidURL, TransferError
 from ..naming import scrub
 
 if TYPE_CHECKING:
+    from ..hosts import Ticket
     from ..steps import Steps
 
 T = TypeVar("T")
@@ -138,7 +139,8 @@ class Transport(Protocol):
     """A backend: sends single requests on behalf of the pipeline's worker threads.
 
     A backend that can drive the pipeline's steps itself (an event loop) also has
-    ``runner(workers, cancel) -> Runner``; the pool then uses it instead of threads.
+    ``runner(workers, hosts) -> Runner`` (``hosts``: the per-host limits, or ``None``);
+    the pool then uses it instead of threads.
     """
 
     def send(self, request: Request, guard: Guard) -> Reply:
@@ -160,8 +162,12 @@ class Transport(Protocol):
 class Runner(Protocol):
     """Runs downloads' steps (:mod:`fetchpool.steps`) and gives their results as futures."""
 
-    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
-        """Run the steps ``start()`` makes; the future gets what they end with."""
+    def submit(self, start: Callable[[], Steps[T]], ticket: Ticket | None = None) -> Future[T]:
+        """Run the steps ``start()`` makes; the future gets what they end with.
+
+        With per-host limits, ``ticket`` is the download's: it starts once
+        :meth:`HostLimits.pop <fetchpool.hosts.HostLimits.pop>` hands it out.
+        """
         ...
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

@@ -24,6 +24,7 @@ import base64
 import heapq
 import itertools
 import logging
+import math
 import os
 import re
 import select
@@ -45,9 +46,11 @@ from requests.utils import get_environ_proxies, select_proxy
 from .. import __version__
 from ..deadline import Guard
 from ..errors import FetchError, StorageError, TransferError
+from ..hosts import HostLimits, Ticket
 from ..retry import CLOCK
-from ..steps import Read, Send, Sleep, Splice, Steps, perform
+from ..steps import Admit, Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
+from ..storage import Cancelled
 from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
@@ -559,8 +562,9 @@ class _Run:
         self.steps = steps
         self.future = future
         # What it waits for: a transfer (headers or bytes), a blocking call, room for
-        # its request (the Send), or (None) nothing but time, as a sleeper.
-        self.parked: _Transfer | Future[Any] | Send | None = None
+        # its request (the Send), its host's turn (the Admit: a sleeper, or waiting for a
+        # slot), or (None) nothing but time, as a sleeper.
+        self.parked: _Transfer | Future[Any] | Send | Admit | None = None
 
 
 class _Slot:
@@ -869,6 +873,11 @@ class CurlTransport:
         # steps the loop drives, at most _limit at once (loop thread).
         self._limit = workers
         self._queue: deque[tuple[Future[Any], Callable[[], Steps[Any]]]] = deque()
+        # With per-host limits, the downloads that have a host wait in its queue instead;
+        # runs waiting for a slot on a host, and the limits' version they last saw.
+        self._hosts: HostLimits[Any] | None = None
+        self._admits: list[_Run] = []
+        self._admits_seen = -1
         # Futures submitted and not yet completed (a set, not a counter: a KeyboardInterrupt
         # landing between two statements of submit() must not leave it skewed for good).
         self._unfinished: set[Future[Any]] = set()
@@ -1064,17 +1073,21 @@ class CurlTransport:
 
     # -- event mode: the loop thread drives the downloads' steps ---------------------------
 
-    def runner(self, workers: int) -> CurlTransport:
+    def runner(self, workers: int, hosts: HostLimits[Any] | None = None) -> CurlTransport:
         """Drive downloads' steps on the loop thread, ``workers`` at once (the pool's runner).
 
         Only a step that must block (a lock another writer holds, an fsync) goes to a
-        helper thread; waiting for the network or for a retry holds no thread at all.
+        helper thread; waiting for the network, for a retry or for a host's turn holds
+        no thread at all. ``hosts``: the per-host limits, if they are on.
         """
         self._limit = workers
+        self._hosts = hosts
         return self
 
-    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
+    def submit(self, start: Callable[[], Steps[T]], ticket: Ticket | None = None) -> Future[T]:
         """Queue the steps ``start()`` makes; the future gets what they end with.
+
+        ``ticket``: the download's, with per-host limits (it then waits for its host).
 
         Raises:
             RuntimeError: the transport is closed.
@@ -1083,7 +1096,10 @@ class CurlTransport:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("cannot submit to a closed transport")
-            self._queue.append((future, start))
+            if ticket is not None and self._hosts is not None:
+                self._hosts.push((future, start, ticket), ticket)
+            else:
+                self._queue.append((future, start))
             self._unfinished.add(future)
             self._start_thread()
             gone = self._gone
@@ -1096,8 +1112,7 @@ class CurlTransport:
         """Cancel the queued downloads (``cancel_futures``); wait for the rest (``wait``)."""
         if cancel_futures:
             with self._lock:
-                queued = list(self._queue)
-                self._queue.clear()
+                queued = self._take_queued()
             for future, _ in queued:
                 future.cancel()
                 self._finished(future)
@@ -1137,6 +1152,20 @@ class CurlTransport:
             if not self._unfinished:
                 self._all_done.notify_all()
 
+    def _take_queued(self) -> list[tuple[Future[Any], Callable[[], Steps[Any]]]]:
+        """Take every queued download out (with ``_lock`` held); none has started."""
+        queued = list(self._queue)
+        self._queue.clear()
+        if self._hosts is not None:
+            for future, start, ticket in self._hosts.drain():
+                ticket.finish()
+                queued.append((future, start))
+        return queued
+
+    def _has_queued(self) -> bool:
+        """Whether a queued download may start now (cheap; may be wrong towards yes)."""
+        return bool(self._queue) or (self._hosts is not None and self._hosts.has_ready())
+
     def _start_runs(self, extra: int = 0) -> bool:
         """Start queued downloads while there is room; return whether one started.
 
@@ -1144,12 +1173,19 @@ class CurlTransport:
         not counted (their successors may send meanwhile).
         """
         started = False
+        hosts = self._hosts
         while len(self._runs) < self._limit + extra:
+            ticket: Ticket | None = None
             with self._lock:
-                if not self._queue:
+                if self._queue:
+                    future, start = self._queue.popleft()
+                elif hosts is not None and (item := hosts.pop()) is not None:
+                    future, start, ticket = item
+                else:
                     return started
-                future, start = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
+                if ticket is not None:
+                    ticket.finish()
                 self._finished(future)
                 continue
             run = _Run(start(), future)
@@ -1193,6 +1229,11 @@ class CurlTransport:
                         run.parked = effect.reply._t  # type: ignore[attr-defined]
                         return
                     value, error = got
+                elif isinstance(effect, Admit):
+                    delay = effect.ticket.admit(effect.key)
+                    if delay:
+                        self._park_admit(run, effect, delay)
+                        return
                 elif isinstance(effect, Sleep):
                     if CLOCK.record is not None:  # instant_retries(): nothing to wait for
                         perform(effect, self)
@@ -1206,6 +1247,39 @@ class CurlTransport:
                     return
             except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
                 error = exc
+
+    def _park_admit(self, run: _Run, effect: Admit, delay: float) -> None:
+        """Park ``run`` until its host may take its request (``delay`` seconds, or
+        ``inf``: until a slot frees)."""
+        run.parked = effect
+        if effect.cancel.is_set():
+            self._step(run, None, Cancelled())
+        elif delay == math.inf:
+            self._admits.append(run)
+        else:
+            when = time.monotonic() + delay
+            heapq.heappush(self._sleepers, (when, next(self._seq), run, effect.cancel))
+
+    def _readmit(self, run: _Run) -> None:
+        """Ask again for the turn ``run`` waits for; go on with it if it is given."""
+        effect = run.parked
+        assert isinstance(effect, Admit)
+        delay = 0.0 if effect.cancel.is_set() else effect.ticket.admit(effect.key)
+        if delay:
+            self._park_admit(run, effect, delay)
+            return
+        run.parked = None
+        self._step(run, None, Cancelled() if effect.cancel.is_set() else None)
+
+    def _resume_admits(self) -> None:
+        """Ask again for the runs waiting for a slot, once the limits have changed."""
+        hosts = self._hosts
+        if hosts is None or not self._admits or hosts.version == self._admits_seen:
+            return
+        self._admits_seen = hosts.version
+        waiting, self._admits = self._admits, []
+        for run in waiting:
+            self._readmit(run)
 
     def _send(self, run: _Run, effect: Send) -> None:
         """Hand ``run``'s request to libcurl (there is room for it).
@@ -1523,9 +1597,15 @@ class CurlTransport:
             self._sleepers = [e for e in self._sleepers if not e[3].is_set()]
             heapq.heapify(self._sleepers)
             for _, _, run, _ in woken:
-                self._step(run, None, None)
+                self._wake_sleeper(run)
         while self._sleepers and self._sleepers[0][0] <= now:
             run = heapq.heappop(self._sleepers)[2]
+            self._wake_sleeper(run)
+
+    def _wake_sleeper(self, run: _Run) -> None:
+        if isinstance(run.parked, Admit):
+            self._readmit(run)
+        else:
             self._step(run, None, None)
 
     def _abandon(self) -> None:
@@ -1538,13 +1618,13 @@ class CurlTransport:
             self._gone = True
             blocked = list(self._blocked)
             self._blocked.clear()
-            queued = list(self._queue)
-            self._queue.clear()
+            queued = self._take_queued()
         for run, future in blocked:
             self._fall_back(run, *_outcome(future))
         runs, self._runs = self._runs, set()
         self._sleepers.clear()
         self._sends.clear()
+        self._admits.clear()
         for run in runs:
             parked = run.parked
             if isinstance(parked, _Transfer):
@@ -1564,7 +1644,8 @@ class CurlTransport:
                     "connection", parked.request.shown, "requesting", "the loop stopped", None
                 )
                 self._fall_back(run, None, error)
-            elif parked is None:
+            elif parked is None or isinstance(parked, Admit):
+                # Resumed as admitted: its request then fails at once (the loop is gone).
                 self._fall_back(run, None, None)
             # A run in a blocking call falls back when the call returns (_unblocked).
         for future, start in queued:
@@ -1710,7 +1791,7 @@ class CurlTransport:
         # Resuming a download may owe more wake-ups (another transfer's end, say).
         while self._owed:
             owed, self._owed = self._owed, []
-            if self._queue or self._sends:
+            if self._sends or self._has_queued():
                 self._send_successors(owed)
             for t in owed:
                 t.owed = False
@@ -1769,6 +1850,7 @@ class CurlTransport:
         while True:
             self._do_commands()
             self._resume_blocked()
+            self._resume_admits()
             self._resume_sends()
             self._start_runs()
             self._pay_wakes()
@@ -1796,10 +1878,15 @@ class CurlTransport:
                 wait = min(wait, self._timer - now)
             if self._sleepers:
                 wait = min(wait, self._sleepers[0][0] - now)
+            hosts = self._hosts
+            if hosts is not None:
+                wait = min(wait, hosts.next_check() - now)
+                if self._admits and hosts.version != self._admits_seen:
+                    wait = 0.0
             if (
                 self._commands
                 or self._blocked
-                or (self._queue and len(self._runs) < self._limit)
+                or (len(self._runs) < self._limit and self._has_queued())
                 or (self._sends and len(self._running) < self._limit)
             ):
                 wait = 0.0  # posted from this thread (no wake-up written), or runnable now
