@@ -64,6 +64,8 @@ def test_host_key_is_scheme_host_and_port() -> None:
     assert host_key("ftp://example.com/x") is None
     assert host_key("http://example.com:99999/x") is None
     assert host_key("not a url") is None
+    assert host_key("http://example.com:\uff18\uff10/x") is None  # digits, but not ASCII
+    assert host_key("http://example.com:/x") == "http://example.com:80"
 
 
 def test_queue_starts_in_submit_order_while_the_host_has_room() -> None:

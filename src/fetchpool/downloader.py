@@ -388,20 +388,32 @@ class _Threads:
     def _run_queued(
         self, future: Future[Any], start: Callable[[], Steps[Any]], ticket: Ticket
     ) -> None:
-        try:
-            if not future.set_running_or_notify_cancel():
-                ticket.finish()
-                return
-            try:
-                result = run(start(), self._transport)
-            except BaseException as exc:  # noqa: BLE001 - the future's to report
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-        finally:
+        # A worker done with a download takes the next one whose host has room itself:
+        # no hand-off to another thread between two downloads of a busy host.
+        hosts = self._hosts
+        assert hosts is not None
+        item: tuple[Future[Any], Callable[[], Steps[Any]], Ticket] | None
+        item = (future, start, ticket)
+        while item is not None:
+            self._run_one(*item)
             with self._lock:
-                self._busy -= 1
+                item = None if self._closed else hosts.pop()
+                if item is None:
+                    self._busy -= 1
             self._pump()
+
+    def _run_one(
+        self, future: Future[Any], start: Callable[[], Steps[Any]], ticket: Ticket
+    ) -> None:
+        if not future.set_running_or_notify_cancel():
+            ticket.finish()
+            return
+        try:
+            result = run(start(), self._transport)
+        except BaseException as exc:  # noqa: BLE001 - the future's to report
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
     def _finished(self, future: Future[Any]) -> None:
         with self._lock:

@@ -22,6 +22,7 @@ import heapq
 import itertools
 import logging
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -39,8 +40,26 @@ T = TypeVar("T")
 _FRESH_MAX = 1
 
 
+#: The usual URL: a plain host name or IPv4 address, maybe a port.
+_PLAIN = re.compile(r"(https?)://([A-Za-z0-9._-]+)(?::([0-9]{1,5}))?(?=[/?#]|\Z)", re.IGNORECASE)
+
+
 def host_key(url: str) -> str | None:
     """Return ``"scheme://host:port"`` for an http(s) URL, or ``None`` for anything else."""
+    # urlsplit would be most of what a ticket costs: the usual URL is matched instead,
+    # and anything unusual (user-info, IPv6, escapes) is left to it.
+    plain = _PLAIN.match(url)
+    if plain is not None:
+        scheme, host, port = plain.groups()
+        scheme = scheme.lower()
+        number = int(port) if port else (443 if scheme == "https" else 80)
+        if number <= 65535:
+            return f"{scheme}://{host.lower()}:{number}"
+        return None
+    return _host_key_parsed(url)
+
+
+def _host_key_parsed(url: str) -> str | None:
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -96,6 +115,7 @@ class HostLimits(Generic[T]):
         self._changes = threading.Condition(self._lock)
         #: Bumped whenever a waiting download may get in (a slot freed, a first turn).
         self.version = 0
+        self._sleepers = 0  # threads in wait_change()
         self._hosts: dict[str, _Host] = {}
         # The queue: per host, its downloads in submit order; a heap of the hosts that may
         # have room, by their first download's number; the hosts found full; those whose
@@ -125,7 +145,8 @@ class HostLimits(Generic[T]):
         # With the lock held.
         self._changed.add(key)
         self.version += 1
-        self._changes.notify_all()
+        if self._sleepers:
+            self._changes.notify_all()
 
     def _forget_if_idle(self, key: str, host: _Host, now: float) -> None:
         # Memory stays bounded by the hosts in use, not by every host ever seen.
@@ -163,7 +184,11 @@ class HostLimits(Generic[T]):
     def wait_change(self, seconds: float) -> None:
         """Block until a download may get in, at most ``seconds``."""
         with self._lock:
-            self._changes.wait(seconds)
+            self._sleepers += 1
+            try:
+                self._changes.wait(seconds)
+            finally:
+                self._sleepers -= 1
 
     def wake_all(self) -> None:
         """Wake every thread in :meth:`wait_change` (the Downloader is cancelling)."""
