@@ -567,11 +567,17 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         target = _target(self.path)
         owner._record(target.path, self.headers.items())
-        owner._in_flight(1)
         try:
             latency = owner.latency
-            if latency > 0 and self._pause(latency):
-                return
+            if latency > 0:
+                # Counted while it waits: a client that has the answer may send its
+                # next request before this thread has written its last line.
+                owner._in_flight(1)
+                try:
+                    if self._pause(latency):
+                        return
+                finally:
+                    owner._in_flight(-1)
             image = owner._corpus_image(target)
             if image is not None:
                 self._send(200, image[1], _CONTENT_TYPES[image[0]])
@@ -584,8 +590,6 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             # The client went away, or stop() shut the socket down under us.
             self.close_connection = True
-        finally:
-            owner._in_flight(-1)
 
     def _pause(self, seconds: float) -> bool:
         """Sleep without holding the GIL; True (and close) if the server is stopping."""
@@ -1204,8 +1208,8 @@ class ImageServer:
 
     @property
     def peak_concurrency(self) -> int:
-        """The most requests served at once since start or :meth:`reset_hits` (a request
-        counts from its arrival until its answer is written)."""
+        """The most requests waiting out :attr:`latency` at once, since start or
+        :meth:`reset_hits`: how many a client had in flight (0 without latency)."""
         with self._lock:
             return self._peak
 
