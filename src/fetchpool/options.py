@@ -51,6 +51,7 @@ class DownloadOptions(TypedDict, total=False):
     session_factory: SessionFactory | None
     progress: bool | ProgressCallback | None
     backend: Backend
+    resume: bool
 
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -73,6 +74,7 @@ class Options:
     session_factory: SessionFactory | None = None
     progress: bool | ProgressCallback | None = None
     backend: Backend = "requests"
+    resume: bool = False
 
 
 #: The option names, in the order the docs list them.
@@ -157,6 +159,7 @@ def make_options(given: Mapping[str, Any]) -> Options:
         session_factory=session_factory,
         progress=progress,
         backend=backend,
+        resume=_flag("resume", raw["resume"]),
     )
 
 
