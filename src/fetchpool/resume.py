@@ -175,11 +175,10 @@ class Kept:
 
         After a commit the file is at its final name: nothing is left to do.
         """
-        tmp, self.tmp = self.tmp, None
+        offset, tmp, self.tmp = self.offset, self.tmp, None
         if tmp is None:
             return
-        offset = 0 if tmp.size < RESUME_MIN else self.offset
-        if tmp.persistent and self.recorded and offset:
+        if tmp.persistent and self.recorded and offset >= RESUME_MIN:
             tmp.keep()
             log.info(
                 "kept %d of %d bytes of %s in %s (resume=True continues it)",
