@@ -43,7 +43,7 @@ from typing import Final
 
 from .checksums import Digests, feed_file
 from .errors import StorageError
-from .naming import RESERVED_PREFIX
+from .naming import PARTIAL_SUFFIX, RESERVED_PREFIX
 
 __all__ = [
     "LOCK_FILE_NAME",
@@ -70,9 +70,8 @@ ORIGIN_XATTR: Final = "user.xdg.origin.url"
 #: The shared lock file of a directory (a reserved name: no download can take it).
 LOCK_FILE_NAME: Final = f"{RESERVED_PREFIX}locks"
 _PART_SUFFIX = ".part"
-#: The end of a partial file's name (``resume=True``): ``.<final name>.fetchpool-partial``
-#: beside the final file. The sweep leaves these alone: they outlive their writer on purpose.
-PARTIAL_SUFFIX: Final = ".fetchpool-partial"
+# A partial file (resume=True) is ".<final name>" and PARTIAL_SUFFIX, beside the final
+# file. The sweep leaves these alone: they outlive their writer on purpose.
 #: What a partial file records, beside its origin URL: the validator to send in
 #: ``If-Range``, and the size of the whole body.
 VALIDATOR_XATTR: Final = "user.fetchpool.validator"
