@@ -756,7 +756,8 @@ class TempFile:
             return False
 
     def keep(self) -> None:
-        """Close a partial file and leave it where it is, for a later run (idempotent)."""
+        """Close the file and leave it where it is (idempotent): a partial file, for a
+        later run."""
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
@@ -895,14 +896,11 @@ class TempFile:
 
     def discard(self) -> None:
         """Close and remove the temporary file (idempotent)."""
-        if self._fd is not None:
+        path = self.path
+        self.keep()
+        if path is not None:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            self.path = None
+                os.unlink(path)
 
 
 #: The buffer of :meth:`TempFile.splice_from` while hashing (a pipe holds up to 1 MiB).

@@ -35,8 +35,9 @@ and gives the URL its basename (an extension such as ``.png`` picks the format):
                                     If-Range (206, 416); ?etag=weak|none, ?modified=0
                                     leave validators out; ImageServer.generation
                                     changes them (a new version of the file)
-    /cut/<name>?size=N&cuts=K       as /big/, but each of the first K requests (default
-                                    3) is cut at a random point past 1 MiB (seeded),
+    /cut/<name>?size=N&cuts=K       /big/<name>?size=N (the same body), but each of the
+                                    first K requests (default 3) is cut at a random
+                                    point past 1 MiB (seeded),
                                     by a clean close (?reset=1: a TCP reset; ?at=F: at
                                     the fraction F of the body; ?stall=1: the answer
                                     stops there and hangs until the client leaves)
@@ -1458,8 +1459,15 @@ class ImageServer:
             return _derived_image(t.key, t.path)
         if t.route == "fail":
             return _derived_image(t.key, t.path) if _parse_fail(t) is not None else None
-        if t.route in _RANGED_ROUTES:
+        if t.route == "big":
             return _derived_image(t.key, t.path, _size_param(t, _BIG_DEFAULT))
+        if t.route in _RANGED_ROUTES:
+            # The body of /big/ with the same name and size: the faults' own parameters
+            # (cuts, run...) give fresh per-URL state, not another body to make.
+            size = _query(t).get("size")
+            return self._image_for(
+                _target(f"/big/{t.rest}" + ("" if size is None else f"?size={size}"))
+            )
         if t.route == "corrupt":
             if _parse_count(t) is None:
                 return None
