@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from _support import listing, temp_files
 from fetchpool import Downloader, download_all
 from fetchpool.cli import main
 from fetchpool.hosts import HostLimits, Ticket, host_key
 from fetchpool.testing import ImageServer
-
-from _support import listing, temp_files
 
 
 class FakeClock:

@@ -340,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fsync", action="store_true", help="flush each file to disk before reporting it"
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the data of a failed or interrupted download in a hidden "
+        "'.NAME.fetchpool-partial' file beside it, and continue from there next time",
+    )
+    parser.add_argument(
         "--report",
         metavar="FILE",
         help="write one JSON line per URL as it finishes to FILE (- for stdout)",
@@ -999,6 +1005,7 @@ def _open(
                 content_disposition=args.content_disposition,
                 allow_downgrade=args.allow_downgrade,
                 fsync=args.fsync,
+                resume=args.resume,
                 verify=None if args.no_verify else "image",
                 headers=dict(args.header),
                 progress=progress,

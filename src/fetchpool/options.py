@@ -53,6 +53,7 @@ class DownloadOptions(TypedDict, total=False):
     backend: Backend
     per_host: int | None
     rate: float | None
+    resume: bool
 
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -77,6 +78,7 @@ class Options:
     backend: Backend = "requests"
     per_host: int | None = None
     rate: float | None = None
+    resume: bool = False
 
     @property
     def host_limits(self) -> bool:
@@ -181,6 +183,7 @@ def make_options(given: Mapping[str, Any]) -> Options:
         backend=backend,
         per_host=per_host,
         rate=rate,
+        resume=_flag("resume", raw["resume"]),
     )
 
 

@@ -255,6 +255,9 @@ class Body:
         expected: what the caller expects of the body; its ``size`` is checked here
             against ``Content-Length`` and against the bytes received (that the body
             is not shorter is the writer's to check, at its end).
+        offset: for the rest of a body resumed (a ``206``), the bytes of it the file
+            holds already: they count against the limits, and progress counts on from
+            them. ``total`` is then the size of the whole body.
 
     Raises (on construction):
         TooLargeError: ``Content-Length`` exceeds ``max_bytes``.
@@ -270,6 +273,8 @@ class Body:
         max_bytes: int | None,
         guard: Guard | None,
         expected: Expected | None = None,
+        offset: int = 0,
+        total: int | None = None,
     ) -> None:
         self.reply = reply
         self.shown = shown
@@ -288,6 +293,10 @@ class Body:
             )
         # With an encoding the length counts compressed bytes: no size announced.
         self.total = self.length if self.decoder is None else None
+        #: The bytes of the body before this answer's (kept in the file), or 0.
+        self.offset = offset
+        if offset:
+            self.total = total
         if self.total is not None and max_bytes is not None and self.total > max_bytes:
             raise TooLargeError(
                 f"{shown} announces {self.total} bytes, over max_bytes={max_bytes}", url=shown
@@ -307,9 +316,9 @@ class Body:
                 raise error
             if max_bytes is None or expected.size < max_bytes:
                 self._limit = expected.size
-        #: Body bytes received as sent, and after decoding.
+        #: Body bytes received as sent, and after decoding (with those before ``offset``).
         self.received = 0
-        self.decoded = 0
+        self.decoded = offset
         self._draining = False  # the decoder may have more output for the last input
         self._ended = False
 
