@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
@@ -12,6 +13,7 @@ import requests
 
 from .results import ProgressEvent
 from .retry import MAX_SECONDS, RetryPolicy
+from .ssrf import ALLOW_PROXY, AllowEntry, BlockPrivate, parse_allow_hosts
 
 __all__ = [
     "BACKENDS",
@@ -51,6 +53,8 @@ class DownloadOptions(TypedDict, total=False):
     session_factory: SessionFactory | None
     progress: bool | ProgressCallback | None
     backend: Backend
+    block_private: BlockPrivate
+    allow_hosts: Iterable[str | IPv4Network | IPv6Network]
 
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -73,6 +77,8 @@ class Options:
     session_factory: SessionFactory | None = None
     progress: bool | ProgressCallback | None = None
     backend: Backend = "requests"
+    block_private: BlockPrivate = False
+    allow_hosts: tuple[AllowEntry, ...] = ()
 
 
 #: The option names, in the order the docs list them.
@@ -143,6 +149,14 @@ def make_options(given: Mapping[str, Any]) -> Options:
         raise ValueError(f"backend must be one of {names}, not {backend!r}")
     if backend != "requests" and session_factory is not None:
         raise TypeError(f"session_factory needs backend='requests', not {backend!r}")
+    block_private = raw["block_private"]
+    if not isinstance(block_private, bool) and block_private != ALLOW_PROXY:
+        kind = ValueError if isinstance(block_private, str) else TypeError
+        raise kind(f"block_private must be True, False or '{ALLOW_PROXY}', not {block_private!r}")
+    allow_hosts = parse_allow_hosts(raw["allow_hosts"])
+    if allow_hosts and not block_private:
+        # Most likely a guard the caller thinks is on: say so rather than ignore it.
+        raise ValueError("allow_hosts has no effect without block_private=True")
     return Options(
         retry=RetryPolicy.coerce(raw["retry"]),
         timeout=pair,
@@ -157,6 +171,8 @@ def make_options(given: Mapping[str, Any]) -> Options:
         session_factory=session_factory,
         progress=progress,
         backend=backend,
+        block_private=block_private,
+        allow_hosts=allow_hosts,
     )
 
 

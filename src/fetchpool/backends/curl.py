@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -46,9 +47,19 @@ from .. import __version__
 from ..deadline import Guard
 from ..errors import FetchError, StorageError, TransferError
 from ..retry import CLOCK
+from ..ssrf import AddressPolicy, Refusal
 from ..steps import Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
-from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
+from . import (
+    BodyEnded,
+    Failure,
+    Request,
+    SpliceSink,
+    attempt_error,
+    check_guard,
+    describe,
+    refused,
+)
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
 
@@ -431,6 +442,13 @@ class _Transfer:
     direct: BinaryIO | None = None
     direct_base = 0
     direct_counted = 0
+    # The SSRF guard (loop thread): the URL's host, whether it goes through a proxy (the
+    # guard does not check the proxy's address), the first address refused, and whether
+    # a socket to an allowed one was opened.
+    host = ""
+    proxied = False
+    refused: Refusal | None = None
+    reached = False
 
     def __init__(
         self, request: Request, guard: Guard, read_timeout: float, start: float, slot: _Slot
@@ -546,6 +564,8 @@ class _Transfer:
         if self.code == pycurl.E_PARTIAL_FILE and self.ready:
             raise BodyEnded from cause
         kind = self.failure or _classify(self.code, self.message)
+        if kind == "blocked" and self.refused is not None:
+            raise refused(self.refused, request.shown, during, self.guard) from self.refused
         detail = describe(cause, request.secrets)
         raise attempt_error(kind, request.shown, during, detail, self.guard) from cause
 
@@ -598,6 +618,10 @@ class _Slot:
         else:
             easy.setopt(pycurl.CAINFO, transport.ca_bundle)
         easy.setopt(pycurl.PREREQFUNCTION, self.on_connected)
+        if transport.policy is not None:
+            # libcurl resolves, then asks for a socket to each address it connects to:
+            # what is checked here is the address connected to, for every new connection.
+            easy.setopt(pycurl.OPENSOCKETFUNCTION, self.on_open_socket)
         easy.setopt(pycurl.HEADERFUNCTION, self.on_header)
         easy.setopt(pycurl.WRITEFUNCTION, self.on_write)
 
@@ -611,6 +635,25 @@ class _Slot:
             t.active = time.monotonic()
             self._transport.idle_check_by(t.active + t.read_timeout)
         return 0  # CURL_PREREQFUNC_OK
+
+    def on_open_socket(self, purpose: int, address: Any) -> object:
+        # Refuse a blocked address (libcurl then tries the next one, if any); _done turns
+        # a transfer that found none allowed into a BlockedAddressError.
+        t = self.transfer
+        policy = self._transport.policy
+        if t is None or policy is None:
+            return pycurl.SOCKET_BAD
+        if not t.proxied:
+            refusal = policy.refusal(t.host, str(address.addr[0]))
+            if refusal is not None:
+                t.refused = t.refused or refusal
+                return pycurl.SOCKET_BAD
+        try:
+            sock = socket.socket(address.family, address.socktype, address.protocol)
+        except OSError:
+            return pycurl.SOCKET_BAD
+        t.reached = True
+        return sock  # pycurl hands libcurl a duplicate of its descriptor
 
     def on_header(self, line: bytes) -> int | None:
         t = self.transfer
@@ -820,12 +863,14 @@ class CurlTransport:
 
     Args:
         workers: the pool's size: at most this many transfers run at once.
+        policy: the SSRF guard's policy, checked on every new connection, or ``None``.
 
     Raises:
         ImportError: pycurl is not installed (raised when this module is imported).
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, policy: AddressPolicy | None = None) -> None:
+        self.policy = policy
         self.user_agent = f"fetchpool/{__version__} " + " ".join(pycurl.version.split()[:2])
         self.ca_bundle = _ca_bundle()
         self._workers = workers
@@ -979,6 +1024,14 @@ class CurlTransport:
                 error.retryable = False
             raise error
         connect, read = request.timeout
+        proxy = self._proxy_for(request.url)
+        host = ""
+        if self.policy is not None:
+            host = urlsplit(request.url).hostname or ""
+            if proxy:
+                refusal = self.policy.proxied(host)
+                if refusal is not None:
+                    raise refused(refusal, request.shown, "requesting", guard)
         slot = self._slot()
         easy = slot.easy
         header_lines = [
@@ -1008,13 +1061,15 @@ class CurlTransport:
             # another one; plain http is HTTP/1.1 here, where waiting only costs time.
             easy.setopt(pycurl.PIPEWAIT, pipewait)
             slot.pipewait = pipewait
-        proxy = self._proxy_for(request.url)
         if proxy != slot.proxy:
             # "" switches libcurl's own reading of the environment off, too.
             easy.setopt(pycurl.PROXY, proxy)
             slot.proxy = proxy
         start = time.monotonic()
         t = _Transfer(request, guard, read, start + connect, slot)
+        if host:
+            t.host = host
+            t.proxied = bool(proxy)
         slot.transfer = t
         return slot, t
 
@@ -1927,6 +1982,8 @@ class CurlTransport:
             # not the server's answer, and a fresh connection heals it, as it does where
             # urllib3 drops such a connection before reuse.
             failure = "connection"
+        elif code and t is not None and t.refused is not None and not t.reached:
+            failure = "blocked"  # every address was refused: nothing was sent
         try:
             self._multi.remove_handle(easy)
         except pycurl.error:
