@@ -583,6 +583,22 @@ class _Run:
         self.parked: _Transfer | Future[Any] | Send | None = None
 
 
+class _Handed:
+    """A new socket's descriptor for pycurl, which gives libcurl a duplicate of it: the
+    original is closed as soon as pycurl lets go of this."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 class _Slot:
     """An easy handle and the callbacks bound to it, reused across transfers."""
 
@@ -649,11 +665,11 @@ class _Slot:
                 t.refused = t.refused or refusal
                 return pycurl.SOCKET_BAD
         try:
-            sock = socket.socket(address.family, address.socktype, address.protocol)
+            fd = socket.socket(address.family, address.socktype, address.protocol).detach()
         except OSError:
             return pycurl.SOCKET_BAD
         t.reached = True
-        return sock  # pycurl hands libcurl a duplicate of its descriptor
+        return _Handed(fd)
 
     def on_header(self, line: bytes) -> int | None:
         t = self.transfer
