@@ -14,6 +14,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address
 from pathlib import Path
 
 import pytest
+import requests
 
 import fetchpool
 from fetchpool import BlockedAddressError, Downloader, FetchError, download_all
@@ -587,3 +588,35 @@ def test_the_command_refuses_junk_and_proxies_as_usage_errors(
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert main([*args, "--block-private"]) == 2
     assert "https_proxy" in capsys.readouterr().err
+
+
+@pytest.mark.requests_only
+@pytest.mark.usefixtures("each_backend")
+def test_a_session_whose_connections_the_guard_cannot_see_is_refused(
+    fresh: ImageServer, dest: Path
+) -> None:
+    from requests.adapters import BaseAdapter
+
+    class Opaque(BaseAdapter):  # not requests' HTTPAdapter: its own connections
+        def send(self, *args: object, **kwargs: object) -> requests.Response:
+            raise AssertionError("never used")
+
+        def close(self) -> None:
+            pass
+
+    def factory() -> requests.Session:
+        session = requests.Session()
+        session.mount("http://", Opaque())
+        return session
+
+    # Found on the worker thread that makes the session: that URL fails, unsent.
+    [result] = download_all(
+        [fresh.url("/any/cat.png")],
+        dest,
+        block_private=True,
+        allow_hosts=["127.0.0.1"],
+        session_factory=factory,
+    )
+    assert result.status == "failed"
+    assert "block_private needs the session's adapters" in str(result.error)
+    assert fresh.total_connections == 0
