@@ -26,7 +26,7 @@ from fetchpool.testing import ImageServer
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
-Resolve = Callable[[dict[str, list[str]]], None]
+Resolve = Callable[..., None]
 
 
 @pytest.fixture(autouse=True)
@@ -61,9 +61,10 @@ def on(server: ImageServer, host: str, path: str = "/any/cat.png") -> str:
 
 @pytest.fixture
 def resolve(each_backend: str, monkeypatch: pytest.MonkeyPatch, server: ImageServer) -> Resolve:
-    """Fake DNS for the backend under test: ``{name: [address, ...]}``, on the server's port."""
+    """Fake DNS for the backend under test: ``{name: [address, ...]}``, for ``port`` (curl
+    needs one: the server's by default)."""
 
-    def install(names: dict[str, list[str]]) -> None:
+    def install(names: dict[str, list[str]], port: int | None = None) -> None:
         if each_backend == "requests":
             real = socket.getaddrinfo
 
@@ -84,7 +85,7 @@ def resolve(each_backend: str, monkeypatch: pytest.MonkeyPatch, server: ImageSer
             from fetchpool.backends import curl
 
             entries = [
-                f"{host}:{port_of(server)}:"
+                f"{host}:{port or port_of(server)}:"
                 + ",".join(f"[{a}]" if ":" in a else a for a in addresses)
                 for host, addresses in names.items()
             ]
@@ -620,3 +621,29 @@ def test_a_session_whose_connections_the_guard_cannot_see_is_refused(
     assert result.status == "failed"
     assert "block_private needs the session's adapters" in str(result.error)
     assert fresh.total_connections == 0
+
+
+def test_over_tls_the_certificate_is_checked_against_the_name_not_the_address(
+    dest: Path, resolve: Resolve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("hypercorn")
+    from _h2server import H2ImageServer
+
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    # The certificate names localhost and 127.0.0.1: the guard connects to the address
+    # it checked, and TLS must still see the name (SNI, certificate check).
+    with H2ImageServer() as tls:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", tls.ca_file)
+        resolve({"localhost": ["127.0.0.1"], "other.example": ["127.0.0.1"]}, tls.port)
+        urls = [
+            f"https://localhost:{tls.port}/img/a.png",
+            f"https://other.example:{tls.port}/img/a.png",
+        ]
+        good, wrong = download_all(urls, dest, block_private=True, allow_hosts=["127.0.0.1"])
+    assert good.status == "downloaded", good.error
+    assert good.path is not None
+    assert good.path.read_bytes() == H2ImageServer.expected("a")
+    assert isinstance(wrong.error, fetchpool.TransferError)
+    assert "TLS error" in str(wrong.error)
+    assert wrong.attempts == 1
