@@ -394,20 +394,27 @@ def caught(trap: socket.socket) -> bool:
     return True
 
 
-def test_a_name_with_blocked_and_allowed_addresses_connects_to_an_allowed_one(
-    fresh: ImageServer, dest: Path, resolve: Resolve, trap: socket.socket
-) -> None:
-    # Blocked addresses are skipped, never connected to: 127.0.0.2 comes first (and
-    # listens), the download reaches the server by 127.0.0.1 alone.
-    resolve({"mixed.example": ["127.0.0.2", "127.0.0.1"]})
+def past_the_trap(server: ImageServer, host: str, dest: Path) -> fetchpool.DownloadResult:
+    """Download from ``server`` by ``host``, 127.0.0.1 alone allowed; a connect to the
+    trap gets no answer, so it is given up on soon and not retried."""
     [result] = download_all(
-        [on(fresh, "mixed.example")],
+        [on(server, host)],
         dest,
         block_private=True,
         allow_hosts=["127.0.0.1"],
         timeout=5,
         retry=1,
     )
+    return result
+
+
+def test_a_name_with_blocked_and_allowed_addresses_connects_to_an_allowed_one(
+    fresh: ImageServer, dest: Path, resolve: Resolve, trap: socket.socket
+) -> None:
+    # Blocked addresses are skipped, never connected to: 127.0.0.2 comes first (and
+    # listens), the download reaches the server by 127.0.0.1 alone.
+    resolve({"mixed.example": ["127.0.0.2", "127.0.0.1"]})
+    result = past_the_trap(fresh, "mixed.example", dest)
     assert result.status == "downloaded", result.error
     assert not caught(trap)
     assert fresh.total_connections == 1
@@ -434,14 +441,7 @@ def test_the_name_is_resolved_once_and_that_address_connected_to(
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    [result] = download_all(
-        [on(fresh, "rebind.example")],
-        dest,
-        block_private=True,
-        allow_hosts=["127.0.0.1"],
-        timeout=5,
-        retry=1,
-    )
+    result = past_the_trap(fresh, "rebind.example", dest)
     assert result.status == "downloaded", result.error
     assert lookups == ["rebind.example"]
     assert not caught(trap)

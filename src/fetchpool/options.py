@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
@@ -54,7 +54,7 @@ class DownloadOptions(TypedDict, total=False):
     progress: bool | ProgressCallback | None
     backend: Backend
     block_private: BlockPrivate
-    allow_hosts: Iterable[str | IPv4Network | IPv6Network]
+    allow_hosts: Iterable[str | IPv4Address | IPv6Address | IPv4Network | IPv6Network]
 
 
 _DEFAULT_RETRY = RetryPolicy()
