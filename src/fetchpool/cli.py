@@ -41,6 +41,7 @@ from .naming import redact_url
 from .options import Backend
 from .progress import TqdmBar
 from .results import DownloadResult, ProgressEvent, Summary
+from .ssrf import ALLOW_PROXY, AllowEntry, BlockPrivate, parse_allow_host
 
 __all__ = ["main"]
 
@@ -158,6 +159,29 @@ def parse_rate(text: str) -> float:
             f"must be > 0 and <= 1e6 requests per second, not {text!r}"
         )
     return value
+
+
+def parse_allow_host_arg(text: str) -> AllowEntry:
+    """Parse ``--allow-host`` (a host name, ``*.domain``, an address or a network).
+
+    Raises:
+        argparse.ArgumentTypeError: none of them.
+    """
+    try:
+        return parse_allow_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("allow_hosts: ")) from None
+
+
+def parse_block_private(text: str) -> BlockPrivate:
+    """Parse the optional value of ``--block-private`` (only ``allow-proxy``).
+
+    Raises:
+        argparse.ArgumentTypeError: another value.
+    """
+    if text != ALLOW_PROXY:
+        raise argparse.ArgumentTypeError(f"expected {ALLOW_PROXY} or nothing, not {text!r}")
+    return ALLOW_PROXY
 
 
 def _whole(text: str, minimum: int = 0) -> int:
@@ -344,6 +368,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the data of a failed or interrupted download in a hidden "
         "'.NAME.fetchpool-partial' file beside it, and continue from there next time",
+    )
+    parser.add_argument(
+        "--block-private",
+        nargs="?",
+        const=True,
+        default=False,
+        type=parse_block_private,
+        metavar=ALLOW_PROXY,
+        help="refuse to connect to loopback, private, link-local and other non-public "
+        "addresses (for untrusted URLs); refused with a proxy in the environment unless "
+        f"given as --block-private={ALLOW_PROXY}",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        type=parse_allow_host_arg,
+        default=[],
+        metavar="HOST|NET",
+        help="a host name (*.domain for its subdomains), address or network (CIDR) that "
+        "--block-private lets through; may be repeated",
     )
     parser.add_argument(
         "--report",
@@ -1012,8 +1056,12 @@ def _open(
                 backend=backend,
                 per_host=args.per_host,
                 rate=args.rate,
+                block_private=args.block_private,
+                allow_hosts=args.allow_host,
             )
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:
+            # ValueError: the options argparse cannot check alone (a proxy in the
+            # environment with --block-private, --allow-host without it).
             raise UsageError(str(exc)) from None
         except NotADirectoryError:
             raise UsageError(f"the destination {args.dest} is not a directory") from None

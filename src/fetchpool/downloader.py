@@ -31,6 +31,7 @@ from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
 from .results import DownloadResult
+from .ssrf import make_policy
 from .steps import Steps, run
 from .storage import Pins
 
@@ -78,10 +79,18 @@ class Downloader:
             mocks, and the only one that takes ``session_factory``) or ``"curl"``
             (``pip install "fetchpool[curl]"``: libcurl's multi interface, HTTP/2 where
             the server offers it).
+        block_private: ``True`` refuses to connect to loopback, private, link-local and
+            other non-public addresses, checked at connect time on every redirect hop
+            (a ``BlockedAddressError`` result); ``"allow-proxy"`` also lets URLs go
+            through a proxy from the environment, unchecked unless their host is an
+            IP literal.
+        allow_hosts: host names (``"*.example.com"`` for subdomains), addresses and
+            networks (``"10.0.0.0/8"``) that ``block_private`` lets through.
 
     Raises:
         NotADirectoryError: ``dest`` exists and is not a directory.
-        ValueError, TypeError: an option is out of range, of the wrong type, or unknown.
+        ValueError, TypeError: an option is out of range, of the wrong type, or unknown;
+            ``block_private=True`` with a proxy set in the environment.
         ImportError: ``backend="curl"`` without pycurl.
     """
 
@@ -96,6 +105,7 @@ class Downloader:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         self._opts: Options = make_options(options)
+        policy = make_policy(self._opts.block_private, self._opts.allow_hosts)
         self.dest = Path(dest)
         if self.dest.exists() and not self.dest.is_dir():
             raise NotADirectoryError(f"dest is not a directory: {self.dest}")
@@ -105,7 +115,9 @@ class Downloader:
         self._cancel = threading.Event()
         self._watchdog = Watchdog()
         # Before anything is created: a missing backend fails with nothing left behind.
-        self._transport = open_transport(self._opts.backend, workers, self._opts.session_factory)
+        self._transport = open_transport(
+            self._opts.backend, workers, self._opts.session_factory, policy
+        )
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
             self._emit = Emitter(self._opts.progress)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
@@ -12,6 +13,7 @@ import requests
 
 from .results import ProgressEvent
 from .retry import MAX_SECONDS, RetryPolicy
+from .ssrf import ALLOW_PROXY, AllowEntry, BlockPrivate, parse_allow_hosts
 
 __all__ = [
     "BACKENDS",
@@ -54,6 +56,8 @@ class DownloadOptions(TypedDict, total=False):
     per_host: int | None
     rate: float | None
     resume: bool
+    block_private: BlockPrivate
+    allow_hosts: Iterable[str | IPv4Address | IPv6Address | IPv4Network | IPv6Network]
 
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -79,6 +83,8 @@ class Options:
     per_host: int | None = None
     rate: float | None = None
     resume: bool = False
+    block_private: BlockPrivate = False
+    allow_hosts: tuple[AllowEntry, ...] = ()
 
     @property
     def host_limits(self) -> bool:
@@ -167,6 +173,14 @@ def make_options(given: Mapping[str, Any]) -> Options:
         if not math.isfinite(rate) or not 0 < rate <= 1e6:
             raise ValueError(f"rate must be > 0 and at most 1e6 requests per second, not {rate!r}")
         rate = float(rate)
+    block_private = raw["block_private"]
+    if not isinstance(block_private, bool) and block_private != ALLOW_PROXY:
+        kind = ValueError if isinstance(block_private, str) else TypeError
+        raise kind(f"block_private must be True, False or '{ALLOW_PROXY}', not {block_private!r}")
+    allow_hosts = parse_allow_hosts(raw["allow_hosts"])
+    if allow_hosts and not block_private:
+        # Most likely a guard the caller thinks is on: say so rather than ignore it.
+        raise ValueError("allow_hosts has no effect without block_private=True")
     return Options(
         retry=RetryPolicy.coerce(raw["retry"]),
         timeout=pair,
@@ -184,6 +198,8 @@ def make_options(given: Mapping[str, Any]) -> Options:
         per_host=per_host,
         rate=rate,
         resume=_flag("resume", raw["resume"]),
+        block_private=block_private,
+        allow_hosts=allow_hosts,
     )
 
 

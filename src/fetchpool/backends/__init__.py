@@ -15,8 +15,9 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
 
 from ..deadline import Guard
-from ..errors import FetchError, InvalidURL, TransferError
+from ..errors import BlockedAddressError, FetchError, InvalidURL, TransferError
 from ..naming import scrub
+from ..ssrf import AddressPolicy, Refusal
 
 if TYPE_CHECKING:
     from ..hosts import Ticket
@@ -37,10 +38,13 @@ __all__ = [
     "describe",
     "on_done",
     "open_transport",
+    "refused",
 ]
 
 #: What went wrong below HTTP, as every backend classifies it.
-Failure = Literal["invalid-url", "tls", "tls-dropped", "malformed", "timeout", "connection"]
+Failure = Literal[
+    "invalid-url", "tls", "tls-dropped", "malformed", "timeout", "connection", "blocked"
+]
 
 
 class Request(NamedTuple):
@@ -200,7 +204,12 @@ def describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
 
 
 def attempt_error(
-    kind: Failure, shown: str, during: str, detail: str, guard: Guard | None
+    kind: Failure,
+    shown: str,
+    during: str,
+    detail: str,
+    guard: Guard | None,
+    refusal: Refusal | None = None,
 ) -> FetchError:
     """Return the error for a failure below HTTP, worded the same for every backend.
 
@@ -213,12 +222,21 @@ def attempt_error(
         during: ``"requesting"`` or ``"while reading"``.
         detail: the backend's own text for the cause (secrets already removed).
         guard: the attempt's guard.
+        refusal: for ``"blocked"``, what the SSRF guard refused (its host and address).
     """
     if guard is not None and guard.cancelled:
         return TransferError(f"download of {shown} cancelled", url=shown, cancelled=True)
     if guard is not None and guard.fired:
         return TransferError(
             f"{guard.limit} of {guard.seconds:.3g} s exceeded {during} {shown}", url=shown
+        )
+    if kind == "blocked":
+        # Not a TransferError: nothing was sent, and another attempt resolves the same.
+        return BlockedAddressError(
+            f"connection refused by block_private {during} {shown}: {detail}",
+            url=shown,
+            host=refusal.host if refusal is not None else "",
+            address=refusal.address if refusal is not None else "",
         )
     if kind == "invalid-url":
         return InvalidURL(f"invalid URL {shown}: {detail}", url=shown)
@@ -243,10 +261,20 @@ def check_guard(guard: Guard | None, shown: str, during: str = "while reading") 
         raise attempt_error("timeout", shown, during, "stopped", guard)
 
 
+def refused(refusal: Refusal, shown: str, during: str, guard: Guard | None) -> FetchError:
+    """Return the error for a connection the SSRF guard refused (see :mod:`fetchpool.ssrf`)."""
+    return attempt_error("blocked", shown, during, str(refusal), guard, refusal)
+
+
 def open_transport(
-    backend: str, workers: int, session_factory: Callable[[], object] | None = None
+    backend: str,
+    workers: int,
+    session_factory: Callable[[], object] | None = None,
+    policy: AddressPolicy | None = None,
 ) -> Transport:
     """Return a new transport of the named backend, for a pool of ``workers`` threads.
+
+    ``policy``, where not ``None``, is the SSRF guard every connection is checked by.
 
     Raises:
         ValueError: an unknown backend.
@@ -256,7 +284,7 @@ def open_transport(
     if backend == "requests":
         from .requests import RequestsTransport  # noqa: PLC0415
 
-        return RequestsTransport(workers, session_factory)  # type: ignore[arg-type]
+        return RequestsTransport(workers, session_factory, policy)  # type: ignore[arg-type]
     if backend == "curl":
         try:
             from .curl import CurlTransport  # noqa: PLC0415
@@ -264,5 +292,5 @@ def open_transport(
             raise ImportError(
                 f"backend='curl' needs pycurl: pip install \"fetchpool[curl]\" ({exc})"
             ) from exc
-        return CurlTransport(workers)
+        return CurlTransport(workers, policy)
     raise ValueError(f"unknown backend {backend!r}")

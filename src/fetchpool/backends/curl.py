@@ -28,6 +28,7 @@ import math
 import os
 import re
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -48,10 +49,20 @@ from ..deadline import Guard
 from ..errors import FetchError, StorageError, TransferError
 from ..hosts import HostLimits, Ticket
 from ..retry import CLOCK
+from ..ssrf import AddressPolicy, Refusal
 from ..steps import Admit, Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
 from ..storage import Cancelled
-from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
+from . import (
+    BodyEnded,
+    Failure,
+    Request,
+    SpliceSink,
+    attempt_error,
+    check_guard,
+    describe,
+    refused,
+)
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
 
@@ -434,6 +445,13 @@ class _Transfer:
     direct: BinaryIO | None = None
     direct_base = 0
     direct_counted = 0
+    # The SSRF guard (loop thread): the URL's host, whether it goes through a proxy (the
+    # guard does not check the proxy's address), the first address refused, and whether
+    # a socket to an allowed one was opened.
+    host = ""
+    proxied = False
+    refused: Refusal | None = None
+    reached = False
 
     def __init__(
         self, request: Request, guard: Guard, read_timeout: float, start: float, slot: _Slot
@@ -549,6 +567,8 @@ class _Transfer:
         if self.code == pycurl.E_PARTIAL_FILE and self.ready:
             raise BodyEnded from cause
         kind = self.failure or _classify(self.code, self.message)
+        if kind == "blocked" and self.refused is not None:
+            raise refused(self.refused, request.shown, during, self.guard) from self.refused
         detail = describe(cause, request.secrets)
         raise attempt_error(kind, request.shown, during, detail, self.guard) from cause
 
@@ -565,6 +585,22 @@ class _Run:
         # its request (the Send), its host's turn (the Admit: a sleeper, or waiting for a
         # slot), or (None) nothing but time, as a sleeper.
         self.parked: _Transfer | Future[Any] | Send | Admit | None = None
+
+
+class _Handed:
+    """A new socket's descriptor for pycurl, which gives libcurl a duplicate of it: the
+    original is closed as soon as pycurl lets go of this."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
 
 
 class _Slot:
@@ -602,6 +638,10 @@ class _Slot:
         else:
             easy.setopt(pycurl.CAINFO, transport.ca_bundle)
         easy.setopt(pycurl.PREREQFUNCTION, self.on_connected)
+        if transport.policy is not None:
+            # libcurl resolves, then asks for a socket to each address it connects to:
+            # what is checked here is the address connected to, for every new connection.
+            easy.setopt(pycurl.OPENSOCKETFUNCTION, self.on_open_socket)
         easy.setopt(pycurl.HEADERFUNCTION, self.on_header)
         easy.setopt(pycurl.WRITEFUNCTION, self.on_write)
 
@@ -615,6 +655,25 @@ class _Slot:
             t.active = time.monotonic()
             self._transport.idle_check_by(t.active + t.read_timeout)
         return 0  # CURL_PREREQFUNC_OK
+
+    def on_open_socket(self, purpose: int, address: Any) -> object:
+        # Refuse a blocked address (libcurl then tries the next one, if any); _done turns
+        # a transfer that found none allowed into a BlockedAddressError.
+        t = self.transfer
+        policy = self._transport.policy
+        if t is None or policy is None:
+            return pycurl.SOCKET_BAD
+        if not t.proxied:
+            refusal = policy.refusal(t.host, str(address.addr[0]))
+            if refusal is not None:
+                t.refused = t.refused or refusal
+                return pycurl.SOCKET_BAD
+        try:
+            fd = socket.socket(address.family, address.socktype, address.protocol).detach()
+        except OSError:
+            return pycurl.SOCKET_BAD
+        t.reached = True
+        return _Handed(fd)
 
     def on_header(self, line: bytes) -> int | None:
         t = self.transfer
@@ -824,12 +883,14 @@ class CurlTransport:
 
     Args:
         workers: the pool's size: at most this many transfers run at once.
+        policy: the SSRF guard's policy, checked on every new connection, or ``None``.
 
     Raises:
         ImportError: pycurl is not installed (raised when this module is imported).
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, policy: AddressPolicy | None = None) -> None:
+        self.policy = policy
         self.user_agent = f"fetchpool/{__version__} " + " ".join(pycurl.version.split()[:2])
         self.ca_bundle = _ca_bundle()
         self._workers = workers
@@ -988,6 +1049,14 @@ class CurlTransport:
                 error.retryable = False
             raise error
         connect, read = request.timeout
+        proxy = self._proxy_for(request.url)
+        host = ""
+        if self.policy is not None:
+            host = urlsplit(request.url).hostname or ""
+            if proxy:
+                refusal = self.policy.proxied(host)
+                if refusal is not None:
+                    raise refused(refusal, request.shown, "requesting", guard)
         slot = self._slot()
         easy = slot.easy
         header_lines = [
@@ -1017,13 +1086,15 @@ class CurlTransport:
             # another one; plain http is HTTP/1.1 here, where waiting only costs time.
             easy.setopt(pycurl.PIPEWAIT, pipewait)
             slot.pipewait = pipewait
-        proxy = self._proxy_for(request.url)
         if proxy != slot.proxy:
             # "" switches libcurl's own reading of the environment off, too.
             easy.setopt(pycurl.PROXY, proxy)
             slot.proxy = proxy
         start = time.monotonic()
         t = _Transfer(request, guard, read, start + connect, slot)
+        if host:
+            t.host = host
+            t.proxied = bool(proxy)
         slot.transfer = t
         return slot, t
 
@@ -2014,6 +2085,8 @@ class CurlTransport:
             # not the server's answer, and a fresh connection heals it, as it does where
             # urllib3 drops such a connection before reuse.
             failure = "connection"
+        elif code and t is not None and t.refused is not None and not t.reached:
+            failure = "blocked"  # every address was refused: nothing was sent
         try:
             self._multi.remove_handle(easy)
         except pycurl.error:
