@@ -165,6 +165,22 @@ def test_command_line_example_runs_the_command_and_reads_its_report(tmp_path: Pa
     assert len(files_below(dest)) == 4
 
 
+@pytest.mark.timeout(60)
+def test_asyncio_front_door_awaits_maps_and_cancels(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    out = run("asyncio_front_door.py", "--dest", str(dest))
+    assert out.startswith("download_all: 6 URLs: 5 downloaded, 0 skipped, 1 failed"), out
+    assert "failed: missing.png: HTTPStatusError 404" in out
+    names = re.findall(r"^  (photo\d\.jpg) +downloaded$", out, re.M)
+    assert names == ["photo0.jpg", "photo1.jpg", "photo2.jpg"], out  # input order
+    assert "big-photo.png: cancelled by wait_for after 0.5 s" in out
+    assert files_below(dest / "map") == names  # nothing of the cancelled one
+    ticks = re.search(r"heartbeat: the event loop ticked (\d+) times", out)
+    assert ticks is not None
+    assert int(ticks[1]) > 10, out
+    assert len(files_below(dest / "all")) == 5
+
+
 def test_the_responses_example_passes_under_pytest() -> None:
     proc = run_process(
         "-m", "pytest", "examples/test_with_responses.py", "-q", "-p", "no:cacheprovider"
