@@ -89,6 +89,15 @@ def flowing_progress() -> tuple[asyncio.Event, Callable[[ProgressEvent], None]]:
     return flowing, progress
 
 
+async def cancel_mid_body(task: asyncio.Task[Any], flowing: asyncio.Event, dest: Path) -> None:
+    """Cancel ``task`` once a body flows into a temporary file; it ends cancelled."""
+    await asyncio.wait_for(flowing.wait(), 20)
+    await until(lambda: len(temp_files(dest)) > 0, "a temporary file")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def shape(results: list[DownloadResult], dest: Path) -> list[tuple[object, ...]]:
     """What a result says, with paths relative to ``dest`` (to compare two runs)."""
     return [
@@ -285,11 +294,7 @@ def test_cancelling_download_all_stops_in_flight_and_never_starts_pending(
                 [*endless, *pending], dest, workers=2, max_bytes=None, progress=progress
             )
         )
-        await asyncio.wait_for(flowing.wait(), 20)
-        await until(lambda: len(temp_files(dest)) > 0, "a temporary file")
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_mid_body(task, flowing, dest)
         # Once the CancelledError arrives, everything is cleaned up already.
         assert listing(dest) == []
 
@@ -309,11 +314,7 @@ def test_cancelling_a_submit_stops_that_download_alone(server: ImageServer, dest
         ) as dl:
             task = asyncio.create_task(dl.submit(endless))
             neighbour = asyncio.create_task(dl.submit(other))
-            await asyncio.wait_for(flowing.wait(), 20)
-            await until(lambda: len(temp_files(dest)) > 0, "a temporary file")
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await cancel_mid_body(task, flowing, dest)
             # Stopped, not left running: no temporary file, no lock held but the other's.
             assert temp_files(dest) == []
             assert "alone.png" not in os.listdir(dest)
