@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .backends import Runner, Transport, on_done, open_transport
 from .checksums import Expected
-from .deadline import Watchdog
+from .deadline import Stop, Watchdog
 from .errors import FetchError
 from .hosts import HostLimits, Ticket
 from .items import Item, expected_of
@@ -100,10 +100,7 @@ class Downloader:
         workers: int = 8,
         **options: Unpack[DownloadOptions],
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int):
-            raise TypeError(f"workers must be an int, not {type(workers).__name__}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
+        check_workers(workers)
         self._opts: Options = make_options(options)
         policy = make_policy(self._opts.block_private, self._opts.allow_hosts)
         self.dest = Path(dest)
@@ -140,6 +137,10 @@ class Downloader:
             if opts.host_limits
             else None
         )
+        # The Stops of downloads that can be stopped alone (fetchpool.aio's) and are not
+        # done: cancelling everything sets their events too.
+        self._stops: set[Stop] = set()
+        self._stops_lock = threading.Lock()
         make_runner = getattr(self._transport, "runner", None)
         self._runner: Runner = (
             make_runner(workers, self._hosts)
@@ -167,6 +168,46 @@ class Downloader:
             TypeError: ``filename`` is not a str or path, or is given both here and
                 in the :class:`Item`.
         """
+        return self._submit(url, filename, None)
+
+    def _submit_stoppable(
+        self, url: str | Item, filename: str | os.PathLike[str] | None = None
+    ) -> tuple[Future[DownloadResult], Stop]:
+        """:meth:`submit`, and return the :class:`Stop` that :meth:`_stop` takes too.
+
+        Raises:
+            As :meth:`submit`.
+        """
+        stop = Stop()
+        with self._stops_lock:
+            self._stops.add(stop)
+        if self._cancel.is_set():  # cancelled meanwhile: _cancel_all may have missed it
+            stop.event.set()
+        try:
+            future = self._submit(url, filename, stop)
+        except BaseException:
+            self._forget_stop(stop)
+            raise
+        on_done(future, lambda _: self._forget_stop(stop))
+        return future, stop
+
+    def _forget_stop(self, stop: Stop) -> None:
+        with self._stops_lock:
+            self._stops.discard(stop)
+
+    def _stop(self, future: Future[DownloadResult], stop: Stop) -> None:
+        """Stop one download of :meth:`_submit_stoppable`: cancelled if it has not
+        started, else stopped where it is (its result: a cancelled ``TransferError``)."""
+        if future.cancel() or future.done():
+            return
+        stop.set()
+        if self._hosts is not None:
+            self._hosts.wake_all()  # a wait for its host's turn ends now
+        self._runner.wake()  # a retry's wait on the curl loop ends now
+
+    def _submit(
+        self, url: str | Item, filename: str | os.PathLike[str] | None, stop: Stop | None
+    ) -> Future[DownloadResult]:
         if self._closed:
             raise RuntimeError("cannot submit to a closed Downloader")
         expected: Expected | None = None
@@ -186,12 +227,12 @@ class Downloader:
             # The loop starts downloads one at a time in submit order: it validates and
             # claims names itself, in that order, and this thread hands over no work.
             future = self._runner.submit(
-                partial(self._pipeline.steps_of, url, filename, expected, ticket), ticket
+                partial(self._pipeline.steps_of, url, filename, expected, ticket, stop), ticket
             )
             on_done(future, partial(self._settle_cancelled, None, url))
             return future
         try:
-            task = self._pipeline.prepare(url, filename, expected)
+            task = self._pipeline.prepare(url, filename, expected, stop)
         except FetchError as exc:
             return self._refused(url, exc)
         task.ticket = ticket
@@ -299,6 +340,10 @@ class Downloader:
         while self._cancelled_urls:
             self._emit(self._cancelled_urls.popleft(), 0, None, "failed")
         self._cancel.set()
+        with self._stops_lock:
+            stops = list(self._stops)
+        for stop in stops:
+            stop.event.set()
         self._watchdog.cancel_all()
         if self._hosts is not None:
             self._hosts.wake_all()  # those waiting for a host's turn, first
@@ -481,6 +526,19 @@ def _release_now(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:
     pins.release()
     transport.close()
     watchdog.stop()
+
+
+def check_workers(workers: object) -> None:
+    """Check the ``workers`` argument.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: less than 1.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"workers must be an int, not {type(workers).__name__}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
 
 
 def _input_items(urls: UrlInput) -> Iterator[tuple[object, str | None]]:

@@ -23,7 +23,7 @@ from typing import Literal, NamedTuple
 from .backends import Reply, Transport
 from .checksums import Algorithm, Expected, hash_file
 from .claims import Claims
-from .deadline import Guard, Watchdog
+from .deadline import Guard, Stop, Watchdog
 from .errors import (
     FetchError,
     HTTPStatusError,
@@ -91,12 +91,16 @@ class Task:
     #: The directory of ``path``, and of every other path the task may take (a derived or
     #: Content-Disposition name is always a sibling): kept, not made again from ``path``.
     directory: Path
+    #: Set when the download is cancelled: the Downloader's event, or its own :class:`Stop`'s.
+    cancel: threading.Event
     #: Every claim taken for this task (derived and Content-Disposition names too).
     claimed: list[Path] = field(default_factory=list)
     #: What the caller expects of the file (from an Item), or ``None``.
     expected: Expected | None = None
     #: Its standing with the per-host limits, if they are on.
     ticket: Ticket | None = None
+    #: What stops this download alone, if it can be (``None``: only with the Downloader).
+    stop: Stop | None = None
 
 
 class Outcome(NamedTuple):
@@ -167,10 +171,12 @@ class Pipeline:
         url: object,
         filename: str | os.PathLike[str] | None,
         expected: Expected | None = None,
+        stop: Stop | None = None,
     ) -> Task:
         """Validate ``url`` and claim its final path (on the caller's thread, in input order).
 
-        ``expected`` is what the caller expects of the file, if anything.
+        ``expected`` is what the caller expects of the file, if anything; ``stop``, what
+        stops this download alone, if anything.
 
         Raises:
             InvalidURL: not an http(s) URL.
@@ -181,6 +187,7 @@ class Pipeline:
         shown = redact_url(valid)
         # A URL without user-info has the headers' secrets only: the same for every URL.
         secrets = secrets_of(valid, self.opts.headers) if "@" in valid else self._header_secrets
+        cancel = self._cancel if stop is None else stop.event
         if filename is not None:
             relative = check_relative_filename(filename, valid)
             path = self.dest.joinpath(*relative.parts)
@@ -190,9 +197,23 @@ class Pipeline:
                     f"({shown})",
                     url=shown,
                 )
-            return Task(valid, origin, path, True, shown, secrets, path.parent, [path], expected)
-        path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
-        return Task(valid, origin, path, False, shown, secrets, self.dest, [path], expected)
+            directory = path.parent
+        else:
+            path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
+            directory = self.dest
+        return Task(
+            valid,
+            origin,
+            path,
+            filename is not None,
+            shown,
+            secrets,
+            directory,
+            cancel,
+            [path],
+            expected,
+            stop=stop,
+        )
 
     def refused(self, url: object, error: FetchError) -> DownloadResult:
         """The result of a URL that :meth:`prepare` refused (its "failed" event sent)."""
@@ -206,11 +227,12 @@ class Pipeline:
         filename: str | os.PathLike[str] | None,
         expected: Expected | None = None,
         ticket: Ticket | None = None,
+        stop: Stop | None = None,
     ) -> Steps[DownloadResult]:
         """:meth:`prepare` and then :meth:`steps`, as one step (for a driver that starts
         downloads in submit order); ``ticket``: the download's, with per-host limits."""
         try:
-            task = self.prepare(url, filename, expected)
+            task = self.prepare(url, filename, expected, stop)
         except FetchError as exc:
             if ticket is not None:
                 ticket.finish()
@@ -288,7 +310,7 @@ class Pipeline:
         )
 
     def _download(self, task: Task, attempts: list[int]) -> Steps[Outcome]:
-        if self._cancel.is_set():
+        if task.cancel.is_set():
             raise Cancelled
         start = CLOCK.monotonic()  # the retry budget counts waiting for the lock too
         self._ensure_dir(task)
@@ -343,7 +365,7 @@ class Pipeline:
         may_derive = not task.caller_named
         while True:
             lock = PathLock(
-                task.directory, lock_key(path), self._cancel, shown, timeout=self.opts.retry.budget
+                task.directory, lock_key(path), task.cancel, shown, timeout=self.opts.retry.budget
             )
             if not lock.acquire(blocking=False):
                 # Another writer has it: wait where waiting holds up no other download.
@@ -506,7 +528,7 @@ class Pipeline:
             yield from retrying(
                 policy,
                 attempt,
-                cancel=self._cancel,
+                cancel=task.cancel,
                 before_retry=before_retry,
                 start=start,
                 failed=failed,
@@ -517,7 +539,7 @@ class Pipeline:
         self, task: Task, path: Path | None, key: str | None, time_left: float, kept: Kept | None
     ) -> Steps[Outcome]:
         shown = task.shown
-        if self._cancel.is_set():
+        if task.cancel.is_set():
             raise Cancelled
         if time_left <= 0:
             raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
@@ -526,7 +548,7 @@ class Pipeline:
             # The host's turn is waited for outside the attempt's deadline: a busy host
             # delays the request, it does not fail it.
             waited = CLOCK.monotonic()
-            yield Admit(ticket, ticket.key, self._cancel)
+            yield Admit(ticket, ticket.key, task.cancel)
             time_left -= CLOCK.monotonic() - waited
             if time_left <= 0:
                 raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
@@ -538,6 +560,8 @@ class Pipeline:
             assert kept.validator is not None
             headers = range_headers(headers, offset, kept.validator)
         with self._watchdog.guard(min(self.opts.deadline, time_left), limit) as guard:
+            if task.stop is not None:
+                task.stop.watch(guard)
             log.debug("GET %s%s", shown, f" from byte {offset}" if offset else "")
             try:
                 reply = yield from open_response(
@@ -549,7 +573,7 @@ class Pipeline:
                     secrets=task.secrets,
                     shown=shown,
                     ticket=ticket,
-                    cancel=self._cancel,
+                    cancel=task.cancel,
                 )
             except HTTPStatusError as exc:
                 if not offset or exc.status_code != 416:
