@@ -7,15 +7,12 @@ with an event loop (curl) drives the pipeline's steps itself, ``workers`` at onc
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
-import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -25,15 +22,15 @@ from .backends import Runner, Transport, on_done, open_transport
 from .checksums import Expected
 from .deadline import Stop, Watchdog
 from .errors import FetchError
-from .hosts import HostLimits, Ticket
+from .hosts import HostLimits
 from .items import Item, expected_of
 from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
 from .results import DownloadResult
 from .ssrf import make_policy
-from .steps import Steps, run
 from .storage import Pins
+from .workers import Workers
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -145,7 +142,7 @@ class Downloader:
         self._runner: Runner = (
             make_runner(workers, self._hosts)
             if make_runner is not None
-            else _Threads(workers, self._transport, self._hosts)
+            else Workers(workers, self._transport, self._hosts)
         )
         self._loop_prepares = make_runner is not None
 
@@ -359,143 +356,6 @@ class Downloader:
         tb: TracebackType | None,
     ) -> None:
         self.close(cancel=exc_type is not None)
-
-
-class _Threads:
-    """The requests backend's runner: each download's steps on a worker thread.
-
-    With per-host limits, downloads wait in the limits' queue, not the executor's: a
-    worker is given the first one whose host has room, when it is free.
-    """
-
-    def __init__(
-        self, workers: int, transport: Transport, hosts: HostLimits[Any] | None = None
-    ) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
-        self._transport = transport
-        self._workers = workers
-        self._hosts = hosts
-        self._lock = threading.Lock()
-        # The futures not done yet: shutdown(wait=True) waits for them, not by joining
-        # the threads. A join that a Ctrl-C interrupted may later return at once while
-        # its thread still runs (CPython up to 3.12), and close() waits again after one.
-        self._unfinished: set[Future[Any]] = set()
-        self._busy = 0  # downloads handed to the executor (with per-host limits)
-        self._timer: threading.Timer | None = None
-        self._refusing = False  # shut down: no new downloads
-        self._closed = False  # and none queued will start
-
-    def submit(self, start: Callable[[], Steps[T]], ticket: Ticket | None = None) -> Future[T]:
-        hosts = self._hosts
-        if hosts is None or ticket is None:
-            future = self._executor.submit(lambda: run(start(), self._transport))
-        else:
-            if self._refusing:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            future = Future()
-            hosts.push((future, start, ticket), ticket)
-        with self._lock:
-            self._unfinished.add(future)
-        on_done(future, self._finished)
-        if hosts is not None and ticket is not None:
-            self._pump()
-        return future
-
-    def _pump(self) -> None:
-        """Hand queued downloads whose host has room to free workers."""
-        hosts = self._hosts
-        assert hosts is not None
-        while True:
-            with self._lock:
-                if self._closed or self._busy >= self._workers:
-                    return
-                item = hosts.pop()
-                if item is None:
-                    break
-                self._busy += 1
-            try:
-                self._executor.submit(self._run_queued, *item)
-            except RuntimeError:  # shut down meanwhile: the download never runs
-                with self._lock:
-                    self._busy -= 1
-                item[2].finish()
-                item[0].cancel()
-                return
-        self._arm_timer(hosts.next_check())
-
-    def _arm_timer(self, when: float) -> None:
-        # A host paused by Retry-After takes queued downloads again when the pause ends,
-        # even if no download ends then to pump the queue.
-        if when == math.inf:
-            return
-        with self._lock:
-            if self._closed or self._timer is not None:
-                return
-            timer = self._timer = threading.Timer(
-                max(0.0, when - time.monotonic()), self._timer_fired
-            )
-            timer.daemon = True
-        timer.start()
-
-    def _timer_fired(self) -> None:
-        with self._lock:
-            self._timer = None
-        self._pump()
-
-    def _run_queued(
-        self, future: Future[Any], start: Callable[[], Steps[Any]], ticket: Ticket
-    ) -> None:
-        # A worker done with a download takes the next one whose host has room itself:
-        # no hand-off to another thread between two downloads of a busy host.
-        hosts = self._hosts
-        assert hosts is not None
-        item: tuple[Future[Any], Callable[[], Steps[Any]], Ticket] | None
-        item = (future, start, ticket)
-        while item is not None:
-            self._run_one(*item)
-            with self._lock:
-                item = None if self._closed else hosts.pop()
-                if item is None:
-                    self._busy -= 1
-            self._pump()
-
-    def _run_one(
-        self, future: Future[Any], start: Callable[[], Steps[Any]], ticket: Ticket
-    ) -> None:
-        if not future.set_running_or_notify_cancel():
-            ticket.finish()
-            return
-        try:
-            result = run(start(), self._transport)
-        except BaseException as exc:  # noqa: BLE001 - the future's to report
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    def _finished(self, future: Future[Any]) -> None:
-        with self._lock:
-            self._unfinished.discard(future)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._refusing = True
-        if cancel_futures and self._hosts is not None:
-            for future, _, ticket in self._hosts.drain():
-                ticket.finish()
-                future.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=cancel_futures)
-        if wait:
-            with self._lock:
-                unfinished = list(self._unfinished)  # none is added once shut down
-            futures_wait(unfinished)
-            with self._lock:
-                self._closed = True
-                timer, self._timer = self._timer, None
-            if timer is not None:
-                timer.cancel()
-            self._executor.shutdown(wait=True)
-
-    def wake(self) -> None:
-        pass  # a worker waiting to retry waits on the cancel event itself
 
 
 def _release(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:

@@ -317,7 +317,7 @@ class Pipeline:
         if self.opts.content_disposition and not task.caller_named:
             # The name may come with the headers: settle it inside the attempt.
             return (yield from self._with_retries(task, None, None, attempts, start))
-        lock, path, early = yield from self._settle(task, task.path)
+        lock, path, early = yield from self._settle(task, task.path, idle=True)
         if early is not None:
             return early
         assert lock is not None
@@ -355,10 +355,11 @@ class Pipeline:
             log.info("removed %d leftover temporary file(s) in %s", removed, directory)
 
     def _settle(
-        self, task: Task, path: Path
+        self, task: Task, path: Path, idle: bool = False
     ) -> Steps[tuple[PathLock | None, Path, Outcome | None]]:
         """Lock ``path`` and decide: download into it, skip, fail, or take the derived name.
 
+        ``idle``: no response is open (see :class:`~fetchpool.steps.Block`).
         Returns the held lock and the path to write, or no lock and the outcome.
         """
         shown = task.shown
@@ -369,7 +370,7 @@ class Pipeline:
             )
             if not lock.acquire(blocking=False):
                 # Another writer has it: wait where waiting holds up no other download.
-                yield Block(lock.acquire)
+                yield Block(lock.acquire, idle)
             try:
                 found = inspect_target(path)
                 if found.kind == "other":
@@ -388,7 +389,7 @@ class Pipeline:
                 if found.kind == "file" and self.opts.overwrite == "skip":
                     digests: dict[Algorithm, str] | None = None
                     if task.expected is not None:
-                        digests, why = yield from self._check_found(task, path, found.size)
+                        digests, why = yield from self._check_found(task, path, found.size, idle)
                         if why is not None:
                             # Not the file asked for: download it again, under this lock.
                             log.info("%s does not match, downloading it again: %s", path, why)
@@ -412,7 +413,7 @@ class Pipeline:
             return lock, path, None
 
     def _check_found(
-        self, task: Task, path: Path, size: int
+        self, task: Task, path: Path, size: int, idle: bool
     ) -> Steps[tuple[dict[Algorithm, str] | None, str | None]]:
         """Check the file found at ``path`` (``size`` bytes) against the expectations.
 
@@ -432,7 +433,9 @@ class Pipeline:
             return None, None
         read = partial(hash_file, path, algorithms, task.shown)
         # A big file is read where a driver's other downloads do not wait for it.
-        digests: dict[Algorithm, str] = (yield Block(read)) if size > _HASH_INLINE_MAX else read()
+        digests: dict[Algorithm, str] = (
+            (yield Block(read, idle)) if size > _HASH_INLINE_MAX else read()
+        )
         error = expected.digest_error(digests, task.shown, "the file found has")
         return digests, None if error is None else str(error)
 

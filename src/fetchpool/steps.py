@@ -77,9 +77,14 @@ class Admit(NamedTuple):
 
 
 class Block(NamedTuple):
-    """Call ``call()``, which may block for long; the result is what it returns."""
+    """Call ``call()``, which may block for long; the result is what it returns.
+
+    ``idle``: the download has no transfer open meanwhile, so a driver that gives each
+    transfer a thread may give that thread to another download while the call runs.
+    """
 
     call: Callable[[], Any]
+    idle: bool = False
 
 
 Effect = Send | Read | Splice | Sleep | Admit | Block

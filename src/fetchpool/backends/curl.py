@@ -53,6 +53,7 @@ from ..ssrf import AddressPolicy, Refusal
 from ..steps import Admit, Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
 from ..storage import Cancelled
+from ..workers import IN_PROGRESS
 from . import (
     BodyEnded,
     Failure,
@@ -938,6 +939,7 @@ class CurlTransport:
         # runs waiting for a slot on a host, and the limits' version they last saw.
         self._hosts: HostLimits[Any] | None = None
         self._admits: list[_Run] = []
+        self._idle_runs: set[_Run] = set()  # in a blocking call, no transfer open
         self._admits_seen = -1
         # Futures submitted and not yet completed (a set, not a counter: a KeyboardInterrupt
         # landing between two statements of submit() must not leave it skewed for good).
@@ -1233,6 +1235,18 @@ class CurlTransport:
                 queued.append((future, start))
         return queued
 
+    def _has_room(self, extra: int = 0) -> bool:
+        """Whether another download may start (loop thread).
+
+        ``workers`` downloads at once, plus ``extra``, not counting those that wait with
+        no transfer open (for a retry, for their host, for a lock another writer holds):
+        a wait holds no place. At most :data:`~fetchpool.workers.IN_PROGRESS` times
+        ``workers`` are under way in all.
+        """
+        runs = len(self._runs)
+        waiting = len(self._sleepers) + len(self._admits) + len(self._idle_runs)
+        return runs - waiting < self._limit + extra and runs < IN_PROGRESS * self._limit
+
     def _has_queued(self) -> bool:
         """Whether a queued download may start now (cheap; may be wrong towards yes)."""
         return bool(self._queue) or (self._hosts is not None and self._hosts.has_ready())
@@ -1245,7 +1259,7 @@ class CurlTransport:
         """
         started = False
         hosts = self._hosts
-        while len(self._runs) < self._limit + extra:
+        while self._has_room(extra):
             ticket: Ticket | None = None
             with self._lock:
                 if self._queue:
@@ -1314,7 +1328,7 @@ class CurlTransport:
                     run.parked = None
                     return
                 else:
-                    self._block(run, effect.call)
+                    self._block(run, effect.call, effect.idle)
                     return
             except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
                 error = exc
@@ -1631,12 +1645,16 @@ class CurlTransport:
         finally:
             self._finished(future)
 
-    def _block(self, run: _Run, call: Callable[[], Any]) -> None:
+    def _block(self, run: _Run, call: Callable[[], Any], idle: bool = False) -> None:
         if self._helpers is None:
-            # A thread for every run there may be (_limit, and as many successors started
-            # while their predecessors write): a run whose call waits for a lock another
-            # run holds must never leave that run without a thread for its own call.
-            self._helpers = ThreadPoolExecutor(2 * self._limit, thread_name_prefix="fetchpool-wait")
+            # A thread for every run there may be (see _has_room): a run whose call waits
+            # for a lock another run holds must never leave that run without a thread for
+            # its own call. Threads are made as calls need them.
+            self._helpers = ThreadPoolExecutor(
+                IN_PROGRESS * self._limit, thread_name_prefix="fetchpool-wait"
+            )
+        if idle:
+            self._idle_runs.add(run)
         future = self._helpers.submit(call)
         run.parked = future
         future.add_done_callback(partial(self._unblocked, run))
@@ -1658,6 +1676,7 @@ class CurlTransport:
                     return
                 run, future = self._blocked.popleft()
             run.parked = None
+            self._idle_runs.discard(run)
             self._step(run, *_outcome(future))
 
     def _wake_sleepers(self, now: float) -> None:
@@ -1957,7 +1976,7 @@ class CurlTransport:
             if (
                 self._commands
                 or self._blocked
-                or (len(self._runs) < self._limit and self._has_queued())
+                or (self._has_room() and self._has_queued())
                 or (self._sends and len(self._running) < self._limit)
             ):
                 wait = 0.0  # posted from this thread (no wake-up written), or runnable now
