@@ -19,12 +19,13 @@ import tempfile
 import time
 
 from fetchpool import download_all
+from fetchpool.options import Backend
 from fetchpool.testing import ImageServer
 
 _round = itertools.count()
 
 
-def _run(server: ImageServer, workers: int, backend: str, n: int) -> float:
+def _run(server: ImageServer, workers: int, backend: Backend, n: int) -> float:
     number = next(_round)
     urls = [server.url(f"/fail/1/503/r{number}-{i}.png") for i in range(n)]
     with tempfile.TemporaryDirectory(prefix="fetchpool-bench-") as dest:
@@ -43,7 +44,8 @@ def main() -> int:
     parser.add_argument("--backend", action="append", choices=("requests", "curl"))
     args = parser.parse_args()
     with ImageServer(n_images=0) as server:
-        for backend in args.backend or ["requests", "curl"]:
+        backends: list[Backend] = args.backend or ["requests", "curl"]
+        for backend in backends:
             few, many = [], []
             for _ in range(args.repeat):
                 few.append(_run(server, 32, backend, args.n))
