@@ -340,3 +340,29 @@ def test_cli_takes_per_host_and_rate(
     assert server.peak_concurrency <= 2
     assert main([*urls, "-d", str(dest), "--per-host", "0"]) == 2
     assert "--per-host" in capsys.readouterr().err
+
+
+def test_a_429_storm_on_one_host_leaves_another_at_full_speed(
+    each_backend: str,
+    dest: Path,
+    servers: list[ImageServer],
+    caplog: pytest.LogCaptureFixture,
+    waits: list[float],
+) -> None:
+    stormy, calm = servers[0], servers[1]
+    caplog.set_level(logging.WARNING, logger="fetchpool")
+    # Every URL of the stormy host answers 429 (Retry-After: 1) before its image; they
+    # come first in the list and would take every worker without the limits.
+    storm = [stormy.url(f"/fail/1/429/s{i}.png?retry_after=1") for i in range(6)]
+    plain = [calm.url(f"/any/c{i}.png") for i in range(12)]
+    order: list[str] = []
+    with Downloader(dest, workers=4, per_host=2) as dl:
+        futures = [dl.submit(u) for u in storm + plain]
+        for future in as_completed(futures):
+            result = future.result()
+            assert result.ok, result.error
+            order.append(result.url)
+    assert set(order[: len(plain)]) == set(plain)
+    assert max(calm.request_times) < min(stormy.request_times) + 1.0
+    # Logged once per pause (see the unit test above), never once per 429 and worker.
+    assert 1 <= caplog.text.count("pausing new requests") <= stormy.total_requests - 6
