@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _support import listing, temp_files
+from _support import listing, lock_held_elsewhere, temp_files
 from fetchpool import Downloader, download_all
 from fetchpool.cli import main
 from fetchpool.hosts import HostLimits, Ticket, host_key
@@ -86,19 +86,22 @@ def test_queue_starts_in_submit_order_while_the_host_has_room() -> None:
 
 def test_a_redirect_moves_the_slot_to_the_host_connected_to() -> None:
     limits, _ = _limits(per_host=1)
-    tickets = _queue(limits, "http://a/1", "http://b/1", "http://a/2")
+    tickets = _queue(limits, "http://a/1", "http://b/1", "http://a/2", "http://b/2")
     assert _pop_all(limits) == ["http://a/1", "http://b/1"]
     a1 = tickets["http://a/1"]
     assert a1.admit("http://a:80") == 0.0  # its own host: it holds the slot already
-    # Redirected to b, whose one slot is taken: a1 waits, holding a's slot.
+    # Redirected to b, whose one slot is taken: a1 waits holding nothing (so a's next
+    # starts), and first in line for b (so b's next does not).
     assert a1.admit("http://b:80") == math.inf
-    assert _pop_all(limits) == []
-    tickets["http://b/1"].finish()
-    assert a1.admit("http://b:80") == 0.0
-    # a's slot went with the hop: a's next download starts.
     assert _pop_all(limits) == ["http://a/2"]
+    tickets["http://b/1"].finish()
+    assert _pop_all(limits) == []
+    assert a1.admit("http://b:80") == 0.0
     a1.finish()
-    assert limits._hosts.keys() == {"http://a:80"}  # b is idle again: forgotten
+    assert _pop_all(limits) == ["http://b/2"]
+    tickets["http://a/2"].finish()
+    tickets["http://b/2"].finish()
+    assert limits._hosts == {}  # idle hosts are forgotten
 
 
 def test_rate_spaces_the_requests_to_a_host() -> None:
@@ -370,3 +373,91 @@ def test_a_429_storm_on_one_host_leaves_another_at_full_speed(
     assert times[2] >= times[0] + 0.8
     # Logged once per pause (see the unit test above), never once per 429 and worker.
     assert 1 <= caplog.text.count("pausing new requests") <= stormy.total_requests - 6
+
+
+@pytest.mark.timeout(60)
+def test_downloads_redirected_to_each_others_host_do_not_deadlock(
+    each_backend: str, dest: Path, servers: list[ImageServer]
+) -> None:
+    x, y = servers[0], servers[1]
+    x.latency = y.latency = 0.2  # both reach their redirect at about the same time
+    a = x.url("/redirect-to?location=" + y.url("/any/a.png") + "&n=a")
+    b = y.url("/redirect-to?location=" + x.url("/any/b.png") + "&n=b")
+    with Downloader(dest, workers=4, per_host=1) as dl:
+        futures = [dl.submit(a), dl.submit(b)]
+        # Each holds its own host and needs the other's: neither may wait holding it.
+        results = [f.result(timeout=20) for f in futures]
+    assert all(r.ok for r in results), [r.error for r in results]
+
+
+@pytest.mark.timeout(60)
+def test_a_download_waiting_at_a_hop_goes_before_queued_ones(
+    each_backend: str, dest: Path, servers: list[ImageServer]
+) -> None:
+    x, y = servers[0], servers[1]
+    x.latency = 0.05
+    first = [x.url(f"/any/first{i}.png") for i in range(2)]
+    hop = y.url("/redirect-to?location=" + x.url("/any/hop.png") + "&n=hop")
+    later = [x.url(f"/any/later{i}.png") for i in range(20)]
+    order: list[str] = []
+    with Downloader(dest, workers=4, per_host=1) as dl:
+        futures = [dl.submit(u) for u in [*first, hop, *later]]
+        order.extend(f.result().url for f in as_completed(futures))
+    # Under way already, it waits for x's one slot first in line, not behind 20 others.
+    assert order.index(hop) < 6, order.index(hop)
+
+
+@pytest.mark.timeout(60)
+def test_a_short_pause_does_not_wait_out_a_longer_one_elsewhere(
+    each_backend: str, dest: Path, servers: list[ImageServer]
+) -> None:
+    a, b = servers[0], servers[1]
+    with Downloader(dest, workers=2, per_host=4, retry=1) as dl:
+        assert not dl.submit(a.url("/status/503/a1.png?retry_after=5")).result().ok
+        a2 = dl.submit(a.url("/any/a2.png"))
+        assert not dl.submit(b.url("/status/503/b1.png?retry_after=1")).result().ok
+        b2 = dl.submit(b.url("/any/b2.png"))
+        done = next(as_completed([a2, b2]))
+        assert done is b2
+        assert b2.result().ok
+        assert a2.result().ok
+
+
+@pytest.mark.timeout(60)
+def test_close_leaves_no_thread_behind_for_a_paused_host(
+    each_backend: str, dest: Path, servers: list[ImageServer]
+) -> None:
+    server = servers[0]
+    before = {t.ident for t in threading.enumerate()}
+    started = time.monotonic()
+    with Downloader(dest, workers=2, per_host=2, retry=1) as dl:
+        assert not dl.submit(server.url("/status/503/a1.png?retry_after=20")).result().ok
+        queued = dl.submit(server.url("/any/a2.png"))
+        assert queued.cancel()
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if not left:
+            break
+        time.sleep(0.02)
+    assert not left, left
+
+
+@pytest.mark.timeout(60)
+def test_with_a_rate_a_lock_wait_does_not_hold_up_the_host(
+    each_backend: str, dest: Path, servers: list[ImageServer]
+) -> None:
+    server = servers[0]
+    url = server.url("/any/locked.png")
+    others = [server.url(f"/any/o{i}.png") for i in range(3)]
+    with (
+        lock_held_elsewhere(dest, "locked.png") as release,
+        Downloader(dest, workers=4, rate=20.0) as dl,
+    ):
+        waiting = dl.submit(url)
+        # It waits for the lock before its first request; the host's others go on.
+        assert all(f.result(timeout=20).ok for f in [dl.submit(u) for u in others])
+        assert not waiting.done()
+        release()
+        assert waiting.result(timeout=20).ok

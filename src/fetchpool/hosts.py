@@ -12,8 +12,10 @@ on its URL's host (scheme, host and port). Two places consult it:
   gives it a turn, and a host paused by a ``Retry-After`` holds it until the pause ends.
 
 A download holds one slot, on the host it talks to, from its start to its end: its
-retries' waits included, which keeps a struggling host's load down. Waiting downloads
-hold none, so no two downloads can wait for each other.
+retries' waits included, which keeps a struggling host's load down. A download that must
+wait for a slot on another host (a redirect there, or a retry back) gives its own up
+first, so no two downloads can wait for each other; and while one waits, that host
+starts no queued download, so a download under way is never starved by new ones.
 """
 
 from __future__ import annotations
@@ -79,11 +81,12 @@ def _host_key_parsed(url: str) -> str | None:
 class _Host:
     """One host's state."""
 
-    __slots__ = ("active", "fresh", "next_ok", "paused_until")
+    __slots__ = ("active", "fresh", "next_ok", "paused_until", "waiting")
 
     def __init__(self) -> None:
         self.active = 0  # downloads holding a slot here
         self.fresh = 0  # started here, not yet admitted once (rate only)
+        self.waiting = 0  # downloads under way that wait for a slot here
         self.next_ok = 0.0  # when the token bucket gives the next turn
         self.paused_until = 0.0
 
@@ -153,6 +156,7 @@ class HostLimits(Generic[T]):
         if (
             not host.active
             and not host.fresh
+            and not host.waiting
             and host.next_ok <= now
             and host.paused_until <= now
             and key not in self._pending
@@ -213,7 +217,7 @@ class HostLimits(Generic[T]):
     def _may_start(self, host: _Host, now: float) -> bool:
         if host.paused_until > now:
             return False
-        if self.per_host is not None and host.active >= self.per_host:
+        if self.per_host is not None and (host.active >= self.per_host or host.waiting):
             return False
         return self.interval is None or host.fresh < _FRESH_MAX
 
@@ -275,8 +279,13 @@ class HostLimits(Generic[T]):
         )
 
     def next_check(self) -> float:
-        """When a host now paused may take a queued download again (``inf``: none)."""
-        return self._pause_check
+        """When a host now paused may take a queued download again (``inf``: none);
+        always in the future (a pause that is over is taken into account first)."""
+        now = self.clock()
+        with self._lock:
+            if now >= self._pause_check:
+                self._look_again(now)
+            return self._pause_check
 
     def __len__(self) -> int:
         return self._queued
@@ -306,7 +315,7 @@ class HostLimits(Generic[T]):
 class Ticket:
     """One download's standing with the per-host limits (see :class:`HostLimits`)."""
 
-    __slots__ = ("fresh", "held", "key", "limits")
+    __slots__ = ("fresh", "held", "key", "limits", "waiting_on")
 
     def __init__(self, limits: HostLimits[Any], key: str) -> None:
         self.limits = limits
@@ -316,6 +325,8 @@ class Ticket:
         self.held: str | None = None
         #: Started, and not admitted once yet (counted in the host's ``fresh``).
         self.fresh = False
+        #: The host whose slot the download waits for (counted in its ``waiting``).
+        self.waiting_on: str | None = None
 
     def admit(self, key: str) -> float:
         """Admit the next request, to ``key``, now if possible.
@@ -333,6 +344,13 @@ class Ticket:
                 return host.paused_until - now
             moving = key != self.held
             if moving and limits.per_host is not None and host.active >= limits.per_host:
+                # Wait holding nothing (another download may wait for this one's slot),
+                # and first in line: the host starts no queued download meanwhile.
+                self._leave(now)
+                if self.waiting_on != key:
+                    self._stop_waiting(now)
+                    host.waiting += 1
+                    self.waiting_on = key
                 return math.inf
             if limits.interval is not None:
                 if host.next_ok > now:
@@ -342,6 +360,7 @@ class Ticket:
                 self._leave(now)
                 host.active += 1
                 self.held = key
+            self._stop_waiting(now)
             if self.fresh:
                 self.fresh = False
                 limits._host(self.key).fresh -= 1
@@ -363,6 +382,28 @@ class Ticket:
     def pause(self, key: str, seconds: float, status: int) -> None:
         """Pause ``key`` for every download (see :meth:`HostLimits.pause`)."""
         self.limits.pause(key, seconds, status)
+
+    def stand_aside(self) -> None:
+        """The download waits for something else before its first request (a lock):
+        another download of its host may start meanwhile, whatever ``rate`` says."""
+        limits = self.limits
+        with limits._lock:
+            if self.fresh:
+                self.fresh = False
+                limits._hosts[self.key].fresh -= 1
+                limits._changed_now(self.key)
+
+    def _stop_waiting(self, now: float) -> None:
+        # With the lock held: no longer first in line for a slot.
+        key = self.waiting_on
+        if key is None:
+            return
+        self.waiting_on = None
+        limits = self.limits
+        host = limits._hosts[key]
+        host.waiting -= 1
+        limits._changed_now(key)
+        limits._forget_if_idle(key, host, now)
 
     def _leave(self, now: float) -> None:
         # With the lock held: give the slot back.
@@ -387,4 +428,5 @@ class Ticket:
                 host.fresh -= 1
                 limits._changed_now(self.key)
                 limits._forget_if_idle(self.key, host, now)
+            self._stop_waiting(now)
             self._leave(now)

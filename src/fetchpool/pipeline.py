@@ -369,7 +369,10 @@ class Pipeline:
                 task.directory, lock_key(path), task.cancel, shown, timeout=self.opts.retry.budget
             )
             if not lock.acquire(blocking=False):
-                # Another writer has it: wait where waiting holds up no other download.
+                # Another writer has it: wait where waiting holds up no other download
+                # (nor, with a rate, the next download of this host).
+                if task.ticket is not None:
+                    task.ticket.stand_aside()
                 yield Block(lock.acquire, idle)
             try:
                 found = inspect_target(path)

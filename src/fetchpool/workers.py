@@ -135,6 +135,12 @@ class Workers:
         with self._lock:
             unfinished = list(self._unfinished)  # none is added once shut down
         futures_wait(unfinished)
+        with self._lock:
+            # Nothing is parked any more: what is left are pumps for queued downloads,
+            # now all done, which must not keep the timer thread (and the process) alive.
+            self._timers = [entry for entry in self._timers if entry[2] is not None]
+            heapq.heapify(self._timers)
+            self._timers_changed.notify_all()
         self._executor.shutdown(wait=True)
         if self._helpers is not None:
             self._helpers.shutdown(wait=True)
@@ -184,7 +190,7 @@ class Workers:
                     self._busy -= 1
                 self._do(item)
         if self._hosts is not None:
-            self._wake_at(self._hosts.next_check(), None, None)
+            self._wake_at(self._hosts.next_check(), None, None)  # inf: none due
 
     def _work(self, item: _New | _Resume | None) -> None:
         # A worker done with one download takes the next itself: no hand-off between two.
@@ -204,7 +210,15 @@ class Workers:
                     ticket.finish()
                 self._ended()
                 return
-            self._step(_Run(start(), future), None, None)
+            try:
+                steps = start()
+            except BaseException as exc:  # noqa: BLE001 - the future's to report
+                if ticket is not None:
+                    ticket.finish()
+                self._ended()
+                future.set_exception(exc)
+                return
+            self._step(_Run(steps, future), None, None)
         else:
             run, value, error = item
             if run.parked is not None:
@@ -310,12 +324,16 @@ class Workers:
         if when == float("inf"):
             return
         with self._lock:
-            if run is None and any(entry[2] is None for entry in self._timers):
-                return  # a pump is due already
+            if run is None and any(e[2] is None and e[0] <= when for e in self._timers):
+                return  # a pump is due by then already
             heapq.heappush(
                 self._timers,
                 (when, next(self._seq), run, cancel),
             )
+            if cancel is not None and cancel.is_set():
+                # Cancelled just before it was parked: the timer thread may have looked
+                # for cancelled waits already, and must look again.
+                self._rouse = True
             self._timers_changed.notify_all()
             if self._timer_thread is not None:
                 return

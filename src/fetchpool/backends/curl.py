@@ -62,6 +62,7 @@ from . import (
     attempt_error,
     check_guard,
     describe,
+    on_done,
     refused,
 )
 
@@ -1171,6 +1172,9 @@ class CurlTransport:
                 raise RuntimeError("cannot submit to a closed transport")
             if ticket is not None and self._hosts is not None:
                 self._hosts.push((future, start, ticket), ticket)
+                # Cancelled by the caller while its host has no room, it is done now:
+                # close() must not wait for the host to take it out of the queue.
+                on_done(future, self._finished)
             else:
                 self._queue.append((future, start))
             self._unfinished.add(future)
