@@ -424,6 +424,9 @@ class ShardPool:
             failure: BaseException | None = None
         except BaseException as exc:  # noqa: BLE001 - any failure becomes the results'
             results, failure = None, exc
+        # Now, not when the future is collected: the results leave the worker's memory
+        # and the scheduler forgets the task.
+        task.release()
         self._finish(shard, results, failure)
 
     def _finish(
