@@ -7,6 +7,7 @@ takes seconds. Tests that kill a worker wait for the nanny to bring it back.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -29,6 +30,7 @@ from fetchpool import (
     TransferError,
     UnsafeFilenameError,
 )
+from fetchpool.cli import main
 from fetchpool.testing import ImageServer
 from test_concurrency import StallServer
 
@@ -47,7 +49,7 @@ def client() -> Iterator[Any]:
             n_workers=2,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: 8787 may be taken
             silence_logs=50,  # CRITICAL: a killed worker is what some tests want
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as dask_client,
@@ -363,3 +365,38 @@ def test_a_transfer_cancelled_by_a_stop_is_a_cancelled_transfer_error(
     first = [f.result(timeout=10) for f in futures[:2]]
     assert all(isinstance(r.error, TransferError) and r.error.cancelled for r in first)
     assert futures[2].cancelled()  # never sent
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_the_command_runs_on_a_cluster_by_address(
+    client: Any, server: ImageServer, dest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    urls = [server.url(f"/any/cli/c{i}.png") for i in range(7)] + ["nonsense"]
+    report = tmp_path / "report.jsonl"
+    address = client.scheduler_info()["address"]
+    argv = ["--dask", address, "--shard-size", "3", "-w", "2", "-d", str(dest), "-q"]
+    status = main([*argv, "--report", str(report), *urls])
+
+    assert status == 1, capsys.readouterr().err  # "nonsense" failed
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert sorted(line["url"] for line in lines) == sorted(urls)
+    assert [line["status"] for line in lines if line["url"] == "nonsense"] == ["failed"]
+    assert listing(dest) == _names(urls[:-1])
+
+
+def test_the_command_starts_a_local_cluster(
+    server: ImageServer, dest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    urls = [server.url(f"/any/cli/local{i}.png") for i in range(3)]
+    assert main(["--dask", "local:1", "-d", str(dest), *urls]) == 0, capsys.readouterr().err
+    assert "3 downloaded" in capsys.readouterr().err
+    assert listing(dest) == _names(urls)
+
+
+def test_the_command_refuses_a_malformed_local_cluster(
+    dest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--dask", "local:none", "-d", str(dest), "http://127.0.0.1:1/x.png"]) == 2
+    assert "--dask local:N" in capsys.readouterr().err
