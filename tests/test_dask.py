@@ -21,6 +21,7 @@ import pytest
 
 import fetchpool.dask
 import fetchpool.storage
+import test_concurrency
 from _support import listing
 from fetchpool import (
     Item,
@@ -57,19 +58,14 @@ def client() -> Iterator[Any]:
         yield dask_client
 
 
+#: A server of big images whose bodies stall until released (test_concurrency's fixture).
+stall = test_concurrency.stall
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[ImageServer]:
     with ImageServer(n_images=0) as srv:
         yield srv
-
-
-@pytest.fixture
-def stall() -> Iterator[StallServer]:
-    srv = StallServer()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
