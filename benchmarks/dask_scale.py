@@ -29,6 +29,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+import dask
 import distributed
 
 import fetchpool
@@ -38,13 +39,15 @@ from benchmarks.scenarios import scenarios
 
 
 def _cluster(processes: int) -> tuple[Any, Any]:
-    cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
-        n_workers=processes,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    )
+    # No worker profiler: see "Running on a cluster" in the README (Python 3.11).
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=processes,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
     return cluster, distributed.Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
 
 

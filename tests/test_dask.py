@@ -38,6 +38,7 @@ from test_concurrency import StallServer
 distributed = pytest.importorskip(
     "distributed", reason="fetchpool.dask needs distributed (pip install 'fetchpool[dask]')"
 )
+import dask.config  # noqa: E402 - present with distributed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,6 +47,9 @@ pytestmark = pytest.mark.timeout(120)
 def client() -> Iterator[Any]:
     """A client of a LocalCluster of 2 worker processes; not the default client."""
     with (
+        # Python 3.11 can deadlock a worker whose profiler (sys._current_frames) runs
+        # while a collection frees a thread-local: no profiler here.
+        dask.config.set({"distributed.worker.profile.enabled": False}),
         distributed.LocalCluster(
             n_workers=2,
             threads_per_worker=1,

@@ -1029,15 +1029,19 @@ def _cluster_pool(args: argparse.Namespace) -> Callable[..., _ClusterPool]:
     try:
         if address.startswith("local:"):
             count = _whole(address.removeprefix("local:"), minimum=1)
-            owned.append(
-                distributed.LocalCluster(
-                    n_workers=count,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=":0",  # any free port: 8787 may be taken
-                    silence_logs=logging.ERROR,
+            # No worker profiler: see "Running on a cluster" in the README (Python 3.11).
+            import dask  # noqa: PLC0415 - present with distributed
+
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                owned.append(
+                    distributed.LocalCluster(
+                        n_workers=count,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=":0",  # any free port: 8787 may be taken
+                        silence_logs=logging.ERROR,
+                    )
                 )
-            )
             client = distributed.Client(owned[0], set_as_default=False)
         else:
             client = distributed.Client(address, timeout=10, set_as_default=False)

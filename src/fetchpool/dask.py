@@ -21,6 +21,7 @@ unpickling a :class:`~fetchpool.ShardError`) never imports Dask.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -558,6 +559,12 @@ def _run_shard(
             f"the Dask worker {where} cannot use dest {dest}: {exc.strerror or exc}",
             errno=exc.errno,
         ) from exc
+    finally:
+        # The shard's Downloader leaves cycles (its threads' locals among them): collect
+        # them here, not wherever the next collection happens. On Python 3.11 that can be
+        # inside the worker's profiler (sys._current_frames, every 10 ms), where freeing a
+        # thread-local deadlocks the whole process (seen on a LocalCluster).
+        gc.collect()
     return list(results)
 
 
