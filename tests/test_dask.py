@@ -400,3 +400,14 @@ def test_the_command_refuses_a_malformed_local_cluster(
 ) -> None:
     assert main(["--dask", "local:none", "-d", str(dest), "http://127.0.0.1:1/x.png"]) == 2
     assert "--dask local:N" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_shards_that_cannot_be_sent_fail_their_items_saying_why(client: Any, dest: Path) -> None:
+    other = distributed.Client(client.scheduler_info()["address"], set_as_default=False)
+    pool = fetchpool.dask.ShardPool(dest, client=other, shard_size=2, window=1)
+    other.close()
+    futures = [pool.submit(f"http://127.0.0.1:1/gone{i}.png") for i in range(3)]
+    pool.close()
+    results = [f.result(timeout=10) for f in futures]
+    assert all(isinstance(r.error, ShardError) for r in results), [r.error for r in results]

@@ -403,7 +403,11 @@ class ShardPool:
                 key=shard.key,
                 pure=False,
             )
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - a closed client, say: its items fail
+            log.warning("cannot send a shard to the Dask cluster: %r", exc)
+            self._finish(shard, None, exc)
+            return
+        except BaseException as exc:  # an interrupt: its items fail, and it goes on
             self._finish(shard, None, exc)
             raise
         with self._lock:
