@@ -564,12 +564,24 @@ def _run_shard(
             errno=exc.errno,
         ) from exc
     finally:
-        # The shard's Downloader leaves cycles (its threads' locals among them): collect
-        # them here, not wherever the next collection happens. On Python 3.11 that can be
-        # inside the worker's profiler (sys._current_frames, every 10 ms), where freeing a
-        # thread-local deadlocks the whole process (seen on a LocalCluster).
-        gc.collect()
+        # The shard's Downloader leaves cycles (its threads' locals among them): where the
+        # worker's profiler runs, collect them here, not wherever the next collection
+        # happens. On Python 3.11 that can be inside the profiler (sys._current_frames,
+        # every 10 ms), where freeing a thread-local deadlocked the whole process (seen on
+        # a LocalCluster). Only there: a full collection in a worker costs 60-100 ms.
+        if _profiler_on():
+            gc.collect()
     return list(results)
+
+
+def _profiler_on() -> bool:
+    """Whether this process's Dask config runs the worker's statistical profiler."""
+    try:
+        import dask  # noqa: PLC0415 - on a worker: imported
+
+        return bool(dask.config.get("distributed.worker.profile.enabled", default=True))
+    except ImportError:
+        return False
 
 
 def _worker_address() -> str:
