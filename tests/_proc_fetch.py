@@ -6,7 +6,8 @@ Usage: ``python _proc_fetch.py CONFIG.json`` where the JSON object holds
 - ``out`` (str or null): where to write the results as JSON (written atomically);
 - ``ready`` (str or null): a file created once fetchpool is imported;
 - ``named_temp_files`` (bool): use named ``.part`` files, not ``O_TMPFILE``;
-- ``go`` (str or null): a file to wait for (at most ``go_timeout`` seconds) before starting.
+- ``go`` (str or null): a file to wait for (at most ``go_timeout`` seconds) before starting;
+- ``retry`` (int, default 4) and ``resume`` (bool, default false): those options.
 
 On ``KeyboardInterrupt`` the child writes ``{"interrupted": true}`` to ``out`` and lets the
 interrupt go on, so it exits the way an interrupted Python program does.
@@ -60,6 +61,8 @@ def main(config_path: str) -> int:
             config["dest"],
             workers=int(config["workers"]),
             backend=config.get("backend", "requests"),
+            retry=int(config.get("retry", 4)),
+            resume=bool(config.get("resume", False)),
         )
     except KeyboardInterrupt:
         if out:

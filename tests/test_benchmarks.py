@@ -6,7 +6,9 @@ shape, and that fetchpool's files verify against the server's sha256.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -347,3 +349,18 @@ def test_peak_rss_report_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     text = scenario_markdown(skipped)
     assert "skipped: fetchpool-curl: pycurl not installed." in text
     assert "fetchpool-curl" not in text.replace("skipped: fetchpool-curl", "")
+
+
+def test_resumed_big_file_sends_only_the_rest() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    command = [sys.executable, "-m", "benchmarks.resumed", "--size-mib", "4", "--repeat", "1"]
+    proc = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    backends = ["requests", "curl"] if importlib.util.find_spec("pycurl") else ["requests"]
+    assert len(lines) == len(backends)
+    for line, backend in zip(lines, backends, strict=True):
+        assert line.startswith(f"resumed big file ({backend}): 4 MiB body; second run sent ")
+        assert "(50.0% of the body)" in line

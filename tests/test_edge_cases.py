@@ -295,31 +295,31 @@ def test_the_budget_counts_the_wait_for_the_lock(dest: Path) -> None:
 
 
 @pytest.mark.usefixtures("each_backend")
-@pytest.mark.requests_only  # about ThreadPoolExecutor's shutdown lock: the curl loop has none
+@pytest.mark.requests_only  # about the worker pool's shutdown: the curl loop has its own
 def test_close_does_not_deadlock_with_a_callback_that_submits(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from concurrent.futures import ThreadPoolExecutor
+    from fetchpool.workers import Workers
 
     in_submit = threading.Event()
     shutting_down = threading.Event()
-    original_submit = ThreadPoolExecutor.submit
-    original_shutdown = ThreadPoolExecutor.shutdown
+    original_submit = Workers.submit
+    original_shutdown = Workers.shutdown
 
-    def submit(self: ThreadPoolExecutor, fn: Callable[..., object], /, *a: object) -> object:
+    def submit(self: Workers, start: Callable[..., object], ticket: object = None) -> object:
         if threading.current_thread().name.startswith("fetchpool"):
-            # The callback's submit() reaches the executor just as close() begins.
+            # The callback's submit() reaches the pool just as close() begins.
             in_submit.set()
             shutting_down.wait(5)
-            time.sleep(0.2)  # let shutdown() take its lock first: the risky order
-        return original_submit(self, fn, *a)
+            time.sleep(0.2)  # let shutdown() go first: the risky order
+        return original_submit(self, start, ticket)  # type: ignore[arg-type]
 
-    def shutdown(self: ThreadPoolExecutor, wait: bool = True, **kw: bool) -> None:
+    def shutdown(self: Workers, wait: bool = True, **kw: bool) -> None:
         shutting_down.set()
         original_shutdown(self, wait, **kw)
 
-    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
-    monkeypatch.setattr(ThreadPoolExecutor, "shutdown", shutdown)
+    monkeypatch.setattr(Workers, "submit", submit)
+    monkeypatch.setattr(Workers, "shutdown", shutdown)
     with ImageServer(n_images=8, latency=0.3) as server:
         fired = threading.Event()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -56,23 +57,58 @@ def files_below(directory: Path) -> list[str]:
 def test_compare_reports_every_approach_and_a_machine_readable_line() -> None:
     out = run("compare.py", "--n", "16", "--latency-ms", "10", "--workers", "8")
     lines = out.strip().splitlines()
-    assert "sequential" in out
-    assert "naive threads (no join, as shown)" in out
-    assert "naive threads (joined)" in out
+    rows = {
+        m["approach"]: m.groupdict()
+        for m in re.finditer(
+            r"^(?P<approach>\S.*?) +(?P<at_once>\d+) +(?P<seconds>\d+\.\d+) +(?P<ideal>\S+) "
+            r"+(?P<x_ideal>\S+) +(?P<correct>\d+/16) +(?P<lost>\d+) +(?P<overwritten>\d+) "
+            r"+(?P<corrupt>\d+) +(?P<retries>\d+) +\S+x$",
+            out,
+            re.M,
+        )
+    }
+    # Every approach at a stated concurrency, the naive code at the same as fetchpool's.
+    at_once = {name: int(row["at_once"]) for name, row in rows.items()}
+    expected = {
+        "sequential": 1,
+        "naive threads (no join, as shown)": 16,
+        "naive threads (joined)": 16,
+        "naive pool (8 threads)": 8,
+        "fetchpool (8 workers)": 8,
+        "fetchpool (16 workers)": 16,
+    }
+    if importlib.util.find_spec("pycurl") is not None:
+        expected["fetchpool, curl backend (8)"] = 8
+    assert at_once == expected, out
+    for name, row in rows.items():
+        # The ideal of each row is for its own concurrency: ceil(16 / n) rounds of 10 ms.
+        assert float(row["ideal"]) == pytest.approx(-(-16 // at_once[name]) * 0.01), name
+        naive = not name.startswith("fetchpool")
+        assert (row["correct"] == "16/16") is not naive, row  # the naive code gets some wrong
+        assert int(row["retries"]) == (0 if naive else 4), row
+    assert "fetchpool had the 12 files that needed one request by " in out
+    assert re.search(r"What its retries cost: 4 URLs answered a transient error", out), out
+    bought = re.search(r"bought: the (\d+) files the naive pool got wrong", out)
+    assert bought is not None, out
+    # Three pairs share a name, four URLs fail once: at least 7 wrong (a race between two
+    # writers of one name may spoil both files of the pair).
+    pool_ok = int(rows["naive pool (8 threads)"]["correct"].split("/")[0])
+    assert int(bought[1]) == 16 - pool_ok >= 7, out
     last = lines[-1]
     assert last.startswith("compare sequential=")
     fields = dict(part.split("=", 1) for part in last.split()[1:])
     assert set(fields) == {
         "sequential",
         "naive_threads",
+        "naive_pool",
         "fetchpool",
+        "fetchpool_one_per_url",
         "ideal",
         "fetchpool_vs_ideal",
         "files_ok",
     }
     assert fields["files_ok"] == "16/16"
-    naive = next(line for line in lines if line.startswith("naive threads (joined)"))
-    assert "16/16" not in naive  # the tutorial's threads lose or corrupt files
+    assert fields["ideal"] == "0.02"
 
 
 @pytest.mark.timeout(150)
@@ -165,6 +201,22 @@ def test_command_line_example_runs_the_command_and_reads_its_report(tmp_path: Pa
     assert len(files_below(dest)) == 4
 
 
+@pytest.mark.timeout(60)
+def test_asyncio_front_door_awaits_maps_and_cancels(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    out = run("asyncio_front_door.py", "--dest", str(dest))
+    assert out.startswith("download_all: 6 URLs: 5 downloaded, 0 skipped, 1 failed"), out
+    assert "failed: missing.png: HTTPStatusError 404" in out
+    names = re.findall(r"^  (photo\d\.jpg) +downloaded$", out, re.M)
+    assert names == ["photo0.jpg", "photo1.jpg", "photo2.jpg"], out  # input order
+    assert "big-photo.png: cancelled by wait_for after 0.5 s" in out
+    assert files_below(dest / "map") == names  # nothing of the cancelled one
+    ticks = re.search(r"heartbeat: the event loop ticked (\d+) times", out)
+    assert ticks is not None
+    assert int(ticks[1]) > 10, out
+    assert len(files_below(dest / "all")) == 5
+
+
 def test_the_responses_example_passes_under_pytest() -> None:
     proc = run_process(
         "-m", "pytest", "examples/test_with_responses.py", "-q", "-p", "no:cacheprovider"
@@ -195,7 +247,7 @@ def test_compare_without_matplotlib_says_so_and_still_prints_the_table(tmp_path:
     seq = next(line for line in proc.stdout.splitlines() if line.startswith("sequential"))
     # The default corpus: three pairs of URLs share a basename (the later file overwrites
     # the earlier), four answer 503 once (the loop saves the error page as the image).
-    assert seq.split()[2:6] == ["9/16", "0", "3", "4"]
+    assert seq.split()[5:9] == ["9/16", "0", "3", "4"]
     assert "fetchpool (8 workers)" in proc.stdout
     assert machine_line(proc.stdout)["files_ok"] == "16/16"
     assert not chart.exists()

@@ -34,7 +34,18 @@ NON_DEFAULT: dict[str, Any] = {
     "session_factory": requests.Session,
     "progress": _progress,
     "backend": "curl",
+    "per_host": 3,
+    "rate": 2.5,
+    "resume": True,
+    "block_private": "allow-proxy",
+    "allow_hosts": ["127.0.0.1", "10.0.0.0/8", "*.example.org"],
 }
+#: What an option needs beside it to be valid on its own.
+COMPANIONS: dict[str, dict[str, Any]] = {"allow_hosts": {"block_private": True}}
+
+
+def _given(name: str) -> dict[str, Any]:
+    return {**COMPANIONS.get(name, {}), name: NON_DEFAULT[name]}
 
 
 def test_every_option_has_a_test_value() -> None:
@@ -44,7 +55,7 @@ def test_every_option_has_a_test_value() -> None:
 
 @pytest.mark.parametrize("name", OPTION_NAMES)
 def test_each_option_pickles_with_a_non_default_value(name: str) -> None:
-    opts = make_options({name: NON_DEFAULT[name]})
+    opts = make_options(_given(name))
     assert getattr(opts, name) != getattr(Options(), name)
     clone = pickle.loads(pickle.dumps(opts))
     assert clone == opts
@@ -55,7 +66,7 @@ def test_each_option_pickles_with_a_non_default_value(name: str) -> None:
 def test_each_option_survives_the_trip_to_a_dask_worker(name: str) -> None:
     # What fetchpool.dask ships: pickled, then validated again by the worker's
     # download_all. Every option but the client-side ones arrives as it was.
-    opts = make_options({name: NON_DEFAULT[name]})
+    opts = make_options(_given(name))
     shipped = pickle.loads(pickle.dumps(shipped_options(opts)))
     again = make_options(shipped)
     if name in CLIENT_SIDE:

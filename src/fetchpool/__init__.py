@@ -14,6 +14,7 @@ import logging
 from .api import download_all
 from .downloader import Downloader
 from .errors import (
+    BlockedAddressError,
     ChecksumError,
     FetchError,
     HTTPStatusError,
@@ -33,6 +34,7 @@ from .retry import RetryPolicy
 logging.getLogger("fetchpool").addHandler(logging.NullHandler())
 
 __all__ = [
+    "BlockedAddressError",
     "ChecksumError",
     "DownloadResult",
     "Downloader",

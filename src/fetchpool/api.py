@@ -59,28 +59,41 @@ def download_all(
     items = list(_input_items(urls))
     start = time.monotonic()
     with Downloader(dest, workers, **options) as dl:
-        by_url: dict[str, tuple[Future[DownloadResult], _Wanted]] = {}
-        futures: list[Future[DownloadResult]] = []
-        for item, filename in items:
-            url = item.url if isinstance(item, Item) else item
-            if not isinstance(url, str):  # not a URL: its result says so
-                futures.append(dl.submit(item, filename))  # type: ignore[arg-type]
-                continue
-            wanted = _wanted(item, filename)
-            first = by_url.get(url)
-            if first is None:
-                fut = dl.submit(item, filename)  # type: ignore[arg-type]
-                by_url[url] = (fut, wanted)
-            elif first[1] == wanted:
-                fut = first[0]
-            else:
-                fut = dl._refuse(url, _conflict(url, first[1], wanted))
-            futures.append(fut)
+        futures = _submit_all(dl, items)
         # One wake-up when all are done, not one per result: this thread would otherwise
         # take the GIL from the downloads once per file.
         wait(futures)
         results = [fut.result() for fut in futures]
     return Results(results, elapsed=time.monotonic() - start)
+
+
+def _submit_all(
+    dl: Downloader, items: list[tuple[object, str | None]]
+) -> list[Future[DownloadResult]]:
+    """Submit every input item and return a future per item, in input order.
+
+    A URL that appears again shares its first occurrence's future, or gets a failed
+    result if it asks for another file name or expectations (the rules of
+    :func:`download_all`, shared with :func:`fetchpool.aio.download_all`).
+    """
+    by_url: dict[str, tuple[Future[DownloadResult], _Wanted]] = {}
+    futures: list[Future[DownloadResult]] = []
+    for item, filename in items:
+        url = item.url if isinstance(item, Item) else item
+        if not isinstance(url, str):  # not a URL: its result says so
+            futures.append(dl.submit(item, filename))  # type: ignore[arg-type]
+            continue
+        wanted = _wanted(item, filename)
+        first = by_url.get(url)
+        if first is None:
+            fut = dl.submit(item, filename)  # type: ignore[arg-type]
+            by_url[url] = (fut, wanted)
+        elif first[1] == wanted:
+            fut = first[0]
+        else:
+            fut = dl._refuse(url, _conflict(url, first[1], wanted))
+        futures.append(fut)
+    return futures
 
 
 #: What an input item asks for beyond its URL: the file name, and the expectations.

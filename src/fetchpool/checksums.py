@@ -8,6 +8,7 @@ file again; a file found at the final name with ``overwrite="skip"`` is read onc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -24,6 +25,7 @@ __all__ = [
     "Expected",
     "check_hex",
     "check_size",
+    "feed_file",
     "hash_file",
 ]
 
@@ -81,6 +83,10 @@ class Digests:
         """Feed the next bytes of the body."""
         for _, hasher in self._hashes:
             hasher.update(data)
+
+    def fresh(self) -> Digests:
+        """Return new hashers of the same algorithms, fed nothing yet."""
+        return Digests(tuple(name for name, _ in self._hashes))
 
     def hexdigests(self) -> dict[Algorithm, str]:
         """Return ``{algorithm: hex digest}`` of everything fed so far."""
@@ -170,13 +176,10 @@ def hash_file(path: Path, algorithms: tuple[Algorithm, ...], shown: str) -> dict
         StorageError: the file cannot be read.
     """
     digests = Digests(algorithms)
-    buffer = bytearray(_READ_BLOCK)
-    view = memoryview(buffer)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            while count := os.readv(fd, [buffer]):
-                digests.update(view[:count])
+            feed_file(fd, digests)
         finally:
             os.close(fd)
     except OSError as exc:
@@ -185,3 +188,25 @@ def hash_file(path: Path, algorithms: tuple[Algorithm, ...], shown: str) -> dict
             f"cannot read {path} to check it ({shown}): {reason}", url=shown, errno=exc.errno
         ) from exc
     return digests.hexdigests()
+
+
+def feed_file(fd: int, digests: Digests, size: int | None = None) -> None:
+    """Feed ``digests`` the file open as ``fd``, from its start: ``size`` bytes, or all.
+
+    Reads at offsets (``pread``): the descriptor's own offset is left as it is.
+
+    Raises:
+        OSError: the file cannot be read, or holds fewer than ``size`` bytes.
+    """
+    buffer = bytearray(_READ_BLOCK)
+    view = memoryview(buffer)
+    offset = 0
+    while size is None or offset < size:
+        want = _READ_BLOCK if size is None else min(_READ_BLOCK, size - offset)
+        count = os.preadv(fd, [view[:want]], offset)
+        if count == 0:
+            if size is None:
+                return
+            raise OSError(errno.EIO, f"the file ended at byte {offset} of {size}")
+        digests.update(view[:count])
+        offset += count

@@ -42,6 +42,7 @@ from .naming import redact_url
 from .options import Backend
 from .progress import TqdmBar
 from .results import DownloadResult, ProgressEvent, Summary
+from .ssrf import ALLOW_PROXY, AllowEntry, BlockPrivate, parse_allow_host
 
 __all__ = ["main"]
 
@@ -144,6 +145,46 @@ def parse_header(text: str) -> tuple[str, str]:
     return name, value.strip()
 
 
+def parse_rate(text: str) -> float:
+    """Parse a number of requests per second, more than 0 and at most 1e6.
+
+    Raises:
+        argparse.ArgumentTypeError: not such a number.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of requests per second: {text!r}") from None
+    if not 0 < value <= 1e6:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be > 0 and <= 1e6 requests per second, not {text!r}"
+        )
+    return value
+
+
+def parse_allow_host_arg(text: str) -> AllowEntry:
+    """Parse ``--allow-host`` (a host name, ``*.domain``, an address or a network).
+
+    Raises:
+        argparse.ArgumentTypeError: none of them.
+    """
+    try:
+        return parse_allow_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("allow_hosts: ")) from None
+
+
+def parse_block_private(text: str) -> BlockPrivate:
+    """Parse the optional value of ``--block-private`` (only ``allow-proxy``).
+
+    Raises:
+        argparse.ArgumentTypeError: another value.
+    """
+    if text != ALLOW_PROXY:
+        raise argparse.ArgumentTypeError(f"expected {ALLOW_PROXY} or nothing, not {text!r}")
+    return ALLOW_PROXY
+
+
 def _whole(text: str, minimum: int = 0) -> int:
     try:
         value = int(text)
@@ -244,6 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrent downloads (default: 8)",
     )
     parser.add_argument(
+        "--per-host",
+        type=partial(_whole, minimum=1),
+        default=None,
+        metavar="N",
+        help="at most N downloads talking to one host (scheme, host, port) at once; "
+        "the other workers go on with other hosts (default: only --workers bounds it)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=parse_rate,
+        default=None,
+        metavar="R",
+        help="at most R requests per second started to one host, evenly spaced "
+        "(e.g. 2 or 0.5; default: no limit). With --per-host or --rate, a 429 or 503 "
+        "with Retry-After pauses that host for every worker",
+    )
+    parser.add_argument(
         "--retries",
         type=_whole,
         default=3,
@@ -305,6 +363,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--fsync", action="store_true", help="flush each file to disk before reporting it"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the data of a failed or interrupted download in a hidden "
+        "'.NAME.fetchpool-partial' file beside it, and continue from there next time",
+    )
+    parser.add_argument(
+        "--block-private",
+        nargs="?",
+        const=True,
+        default=False,
+        type=parse_block_private,
+        metavar=ALLOW_PROXY,
+        help="refuse to connect to loopback, private, link-local and other non-public "
+        "addresses (for untrusted URLs); refused with a proxy in the environment unless "
+        f"given as --block-private={ALLOW_PROXY}",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        type=parse_allow_host_arg,
+        default=[],
+        metavar="HOST|NET",
+        help="a host name (*.domain for its subdomains), address or network (CIDR) that "
+        "--block-private lets through; may be repeated",
     )
     parser.add_argument(
         "--report",
@@ -980,12 +1064,19 @@ def _open(
                 content_disposition=args.content_disposition,
                 allow_downgrade=args.allow_downgrade,
                 fsync=args.fsync,
+                resume=args.resume,
                 verify=None if args.no_verify else "image",
                 headers=dict(args.header),
                 progress=progress,
                 backend=backend,
+                per_host=args.per_host,
+                rate=args.rate,
+                block_private=args.block_private,
+                allow_hosts=args.allow_host,
             )
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:
+            # ValueError: the options argparse cannot check alone (a proxy in the
+            # environment with --block-private, --allow-host without it).
             raise UsageError(str(exc)) from None
         except NotADirectoryError:
             raise UsageError(f"the destination {args.dest} is not a directory") from None

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from functools import partial
 from types import TracebackType
 
-__all__ = ["Guard", "Watchdog", "current_guard", "guarding"]
+__all__ = ["Guard", "Stop", "Watchdog", "current_guard", "guarding"]
 
 _current = threading.local()
 
@@ -82,6 +82,35 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         self._watchdog.forget(self)
+
+
+class Stop:
+    """What stops one download on its own, the rest of its Downloader going on.
+
+    Its ``event`` stands for the Downloader's cancel event in that download's checks and
+    waits (a retry's backoff, a lock another writer holds); :meth:`set` sets it and fires
+    the guard of the attempt in flight, which stops its transfer at once.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._guard: Guard | None = None
+
+    def watch(self, guard: Guard) -> None:
+        """Make ``guard`` the one :meth:`set` fires (at once if it was set already)."""
+        with guard._watchdog.lock:
+            self._guard = guard
+            if self.event.is_set():
+                guard._fire(cancelled=True)
+
+    def set(self) -> None:
+        """Stop the download: its waits and checks end, its attempt in flight stops."""
+        self.event.set()
+        # The event first: an attempt that watches its guard after this read sees it.
+        guard = self._guard
+        if guard is not None:
+            with guard._watchdog.lock:
+                guard._fire(cancelled=True)
 
 
 def _shutdown(sock: socket.socket) -> None:

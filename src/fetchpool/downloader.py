@@ -11,9 +11,8 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -21,15 +20,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .backends import Runner, Transport, on_done, open_transport
 from .checksums import Expected
-from .deadline import Watchdog
+from .deadline import Stop, Watchdog
 from .errors import FetchError
+from .hosts import HostLimits
 from .items import Item, expected_of
 from .options import Options, make_options
 from .pipeline import Pipeline, Task
 from .progress import Emitter
 from .results import DownloadResult
-from .steps import Steps, run
+from .ssrf import make_policy
 from .storage import Pins
+from .workers import Workers
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -75,10 +76,18 @@ class Downloader:
             mocks, and the only one that takes ``session_factory``) or ``"curl"``
             (``pip install "fetchpool[curl]"``: libcurl's multi interface, HTTP/2 where
             the server offers it).
+        block_private: ``True`` refuses to connect to loopback, private, link-local and
+            other non-public addresses, checked at connect time on every redirect hop
+            (a ``BlockedAddressError`` result); ``"allow-proxy"`` also lets URLs go
+            through a proxy from the environment, unchecked unless their host is an
+            IP literal.
+        allow_hosts: host names (``"*.example.com"`` for subdomains), addresses and
+            networks (``"10.0.0.0/8"``) that ``block_private`` lets through.
 
     Raises:
         NotADirectoryError: ``dest`` exists and is not a directory.
-        ValueError, TypeError: an option is out of range, of the wrong type, or unknown.
+        ValueError, TypeError: an option is out of range, of the wrong type, or unknown;
+            ``block_private=True`` with a proxy set in the environment.
         ImportError: ``backend="curl"`` without pycurl.
     """
 
@@ -88,11 +97,9 @@ class Downloader:
         workers: int = 8,
         **options: Unpack[DownloadOptions],
     ) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int):
-            raise TypeError(f"workers must be an int, not {type(workers).__name__}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
+        check_workers(workers)
         self._opts: Options = make_options(options)
+        policy = make_policy(self._opts.block_private, self._opts.allow_hosts)
         self.dest = Path(dest)
         if self.dest.exists() and not self.dest.is_dir():
             raise NotADirectoryError(f"dest is not a directory: {self.dest}")
@@ -102,7 +109,9 @@ class Downloader:
         self._cancel = threading.Event()
         self._watchdog = Watchdog()
         # Before anything is created: a missing backend fails with nothing left behind.
-        self._transport = open_transport(self._opts.backend, workers, self._opts.session_factory)
+        self._transport = open_transport(
+            self._opts.backend, workers, self._opts.session_factory, policy
+        )
         try:
             self.dest.mkdir(parents=True, exist_ok=True)
             self._emit = Emitter(self._opts.progress)
@@ -119,9 +128,21 @@ class Downloader:
         self._closed = False
         self._closing = False
         self._cancelled_urls: deque[object] = deque()
+        opts = self._opts
+        self._hosts: HostLimits[Any] | None = (
+            HostLimits(opts.per_host, opts.rate, opts.retry.retry_after_cap)
+            if opts.host_limits
+            else None
+        )
+        # The Stops of downloads that can be stopped alone (fetchpool.aio's) and are not
+        # done: cancelling everything sets their events too.
+        self._stops: set[Stop] = set()
+        self._stops_lock = threading.Lock()
         make_runner = getattr(self._transport, "runner", None)
         self._runner: Runner = (
-            make_runner(workers) if make_runner is not None else _Threads(workers, self._transport)
+            make_runner(workers, self._hosts)
+            if make_runner is not None
+            else Workers(workers, self._transport, self._hosts)
         )
         self._loop_prepares = make_runner is not None
 
@@ -144,6 +165,46 @@ class Downloader:
             TypeError: ``filename`` is not a str or path, or is given both here and
                 in the :class:`Item`.
         """
+        return self._submit(url, filename, None)
+
+    def _submit_stoppable(
+        self, url: str | Item, filename: str | os.PathLike[str] | None = None
+    ) -> tuple[Future[DownloadResult], Stop]:
+        """:meth:`submit`, and return the :class:`Stop` that :meth:`_stop` takes too.
+
+        Raises:
+            As :meth:`submit`.
+        """
+        stop = Stop()
+        with self._stops_lock:
+            self._stops.add(stop)
+        if self._cancel.is_set():  # cancelled meanwhile: _cancel_all may have missed it
+            stop.event.set()
+        try:
+            future = self._submit(url, filename, stop)
+        except BaseException:
+            self._forget_stop(stop)
+            raise
+        on_done(future, lambda _: self._forget_stop(stop))
+        return future, stop
+
+    def _forget_stop(self, stop: Stop) -> None:
+        with self._stops_lock:
+            self._stops.discard(stop)
+
+    def _stop(self, future: Future[DownloadResult], stop: Stop) -> None:
+        """Stop one download of :meth:`_submit_stoppable`: cancelled if it has not
+        started, else stopped where it is (its result: a cancelled ``TransferError``)."""
+        if future.cancel() or future.done():
+            return
+        stop.set()
+        if self._hosts is not None:
+            self._hosts.wake_all()  # a wait for its host's turn ends now
+        self._runner.wake()  # a retry's wait on the curl loop ends now
+
+    def _submit(
+        self, url: str | Item, filename: str | os.PathLike[str] | None, stop: Stop | None
+    ) -> Future[DownloadResult]:
         if self._closed:
             raise RuntimeError("cannot submit to a closed Downloader")
         expected: Expected | None = None
@@ -157,18 +218,23 @@ class Downloader:
         if filename is not None and not isinstance(filename, (str, os.PathLike)):
             raise TypeError(f"filename must be str or os.PathLike, not {type(filename).__name__}")
         self._emit(url, 0, None, "started")
+        hosts = self._hosts
+        ticket = None if hosts is None or not isinstance(url, str) else hosts.ticket(url)
         if self._loop_prepares:
             # The loop starts downloads one at a time in submit order: it validates and
             # claims names itself, in that order, and this thread hands over no work.
-            future = self._runner.submit(partial(self._pipeline.steps_of, url, filename, expected))
+            future = self._runner.submit(
+                partial(self._pipeline.steps_of, url, filename, expected, ticket, stop), ticket
+            )
             on_done(future, partial(self._settle_cancelled, None, url))
             return future
         try:
-            task = self._pipeline.prepare(url, filename, expected)
+            task = self._pipeline.prepare(url, filename, expected, stop)
         except FetchError as exc:
             return self._refused(url, exc)
+        task.ticket = ticket
         try:
-            future = self._runner.submit(partial(self._pipeline.steps, task))
+            future = self._runner.submit(partial(self._pipeline.steps, task), ticket)
         except BaseException:
             # Closed meanwhile, or no thread could be started: the task never runs.
             self._pipeline.release_claims(task, None)
@@ -271,7 +337,13 @@ class Downloader:
         while self._cancelled_urls:
             self._emit(self._cancelled_urls.popleft(), 0, None, "failed")
         self._cancel.set()
+        with self._stops_lock:
+            stops = list(self._stops)
+        for stop in stops:
+            stop.event.set()
         self._watchdog.cancel_all()
+        if self._hosts is not None:
+            self._hosts.wake_all()  # those waiting for a host's turn, first
         self._runner.wake()
 
     def __enter__(self) -> Downloader:
@@ -284,41 +356,6 @@ class Downloader:
         tb: TracebackType | None,
     ) -> None:
         self.close(cancel=exc_type is not None)
-
-
-class _Threads:
-    """The requests backend's runner: each download's steps on a worker thread."""
-
-    def __init__(self, workers: int, transport: Transport) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetchpool")
-        self._transport = transport
-        self._lock = threading.Lock()
-        # The futures not done yet: shutdown(wait=True) waits for them, not by joining
-        # the threads. A join that a Ctrl-C interrupted may later return at once while
-        # its thread still runs (CPython up to 3.12), and close() waits again after one.
-        self._unfinished: set[Future[Any]] = set()
-
-    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
-        future = self._executor.submit(lambda: run(start(), self._transport))
-        with self._lock:
-            self._unfinished.add(future)
-        on_done(future, self._finished)
-        return future
-
-    def _finished(self, future: Future[Any]) -> None:
-        with self._lock:
-            self._unfinished.discard(future)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=cancel_futures)
-        if wait:
-            with self._lock:
-                unfinished = list(self._unfinished)  # none is added once shut down
-            futures_wait(unfinished)
-            self._executor.shutdown(wait=True)
-
-    def wake(self) -> None:
-        pass  # a worker waiting to retry waits on the cancel event itself
 
 
 def _release(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:
@@ -349,6 +386,19 @@ def _release_now(pins: Pins, transport: Transport, watchdog: Watchdog) -> None:
     pins.release()
     transport.close()
     watchdog.stop()
+
+
+def check_workers(workers: object) -> None:
+    """Check the ``workers`` argument.
+
+    Raises:
+        TypeError: not an int.
+        ValueError: less than 1.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"workers must be an int, not {type(workers).__name__}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
 
 
 def _input_items(urls: UrlInput) -> Iterator[tuple[object, str | None]]:

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 __all__ = [
+    "BlockedAddressError",
     "ChecksumError",
     "FetchError",
     "HTTPStatusError",
@@ -145,6 +146,25 @@ class ChecksumError(FetchError):
 
 class UnsafeFilenameError(FetchError, ValueError):
     """A filename escapes ``dest``, is reserved, or is already used by another URL."""
+
+
+class BlockedAddressError(FetchError):
+    """``block_private`` refused every address of the host (loopback, private, link-local...).
+
+    Never retried: no request was sent, and the host would resolve the same again.
+
+    Attributes:
+        host: the host of the URL (or of the redirect hop) refused.
+        address: the address refused (empty where a proxy would have connected).
+    """
+
+    def __init__(self, message: str, url: str = "", host: str = "", address: str = "") -> None:
+        super().__init__(message, url)
+        self.host = host
+        self.address = address
+
+    def _extra(self) -> tuple[Any, ...]:
+        return (self.host, self.address)
 
 
 class RedirectError(FetchError):

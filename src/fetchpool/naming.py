@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from .errors import InvalidURL, UnsafeFilenameError
 
 __all__ = [
+    "PARTIAL_SUFFIX",
     "RESERVED_PREFIX",
     "check_relative_filename",
     "derived_name",
@@ -38,6 +39,9 @@ __all__ = [
 
 #: Temporary and lock files start with this; no name handed out may.
 RESERVED_PREFIX = ".fetchpool-"
+#: A partial file (``resume=True``) is ``.<name>`` and this: no name handed out is one.
+#: (Names from URLs never start with a dot.)
+PARTIAL_SUFFIX = ".fetchpool-partial"
 
 # Leaves room for the "-<hash>" of a derived name inside the usual 255-byte limit.
 _MAX_NAME_BYTES = 200
@@ -281,4 +285,7 @@ def check_relative_filename(filename: str | os.PathLike[str], url: str = "") -> 
         raise unsafe("a path component is longer than 255 bytes")
     if any(p.startswith(RESERVED_PREFIX) for p in parts):
         raise unsafe(f"names starting with {RESERVED_PREFIX!r} are reserved")
+    if parts[-1].startswith(".") and parts[-1].endswith(PARTIAL_SUFFIX):
+        # Another file's partial file (resume=True) has that name.
+        raise unsafe(f"hidden names ending with {PARTIAL_SUFFIX!r} are reserved")
     return PurePosixPath(*parts)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Literal, TypedDict
 
 import requests
 
 from .results import ProgressEvent
 from .retry import MAX_SECONDS, RetryPolicy
+from .ssrf import ALLOW_PROXY, AllowEntry, BlockPrivate, parse_allow_hosts
 
 __all__ = [
     "BACKENDS",
@@ -51,6 +53,11 @@ class DownloadOptions(TypedDict, total=False):
     session_factory: SessionFactory | None
     progress: bool | ProgressCallback | None
     backend: Backend
+    per_host: int | None
+    rate: float | None
+    resume: bool
+    block_private: BlockPrivate
+    allow_hosts: Iterable[str | IPv4Address | IPv6Address | IPv4Network | IPv6Network]
 
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -108,6 +115,16 @@ class Options:
     session_factory: SessionFactory | None = None
     progress: bool | ProgressCallback | None = None
     backend: Backend = "requests"
+    per_host: int | None = None
+    rate: float | None = None
+    resume: bool = False
+    block_private: BlockPrivate = False
+    allow_hosts: tuple[AllowEntry, ...] = ()
+
+    @property
+    def host_limits(self) -> bool:
+        """Whether per-host limits are on (``per_host`` or ``rate``)."""
+        return self.per_host is not None or self.rate is not None
 
 
 #: The option names, in the order the docs list them.
@@ -178,6 +195,27 @@ def make_options(given: Mapping[str, Any]) -> Options:
         raise ValueError(f"backend must be one of {names}, not {backend!r}")
     if backend != "requests" and session_factory is not None:
         raise TypeError(f"session_factory needs backend='requests', not {backend!r}")
+    per_host = raw["per_host"]
+    if per_host is not None:
+        if isinstance(per_host, bool) or not isinstance(per_host, int):
+            raise TypeError(f"per_host must be an int or None, not {type(per_host).__name__}")
+        if per_host < 1:
+            raise ValueError(f"per_host must be at least 1, not {per_host}")
+    rate = raw["rate"]
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+            raise TypeError(f"rate must be a number or None, not {type(rate).__name__}")
+        if not math.isfinite(rate) or not 0 < rate <= 1e6:
+            raise ValueError(f"rate must be > 0 and at most 1e6 requests per second, not {rate!r}")
+        rate = float(rate)
+    block_private = raw["block_private"]
+    if not isinstance(block_private, bool) and block_private != ALLOW_PROXY:
+        kind = ValueError if isinstance(block_private, str) else TypeError
+        raise kind(f"block_private must be True, False or '{ALLOW_PROXY}', not {block_private!r}")
+    allow_hosts = parse_allow_hosts(raw["allow_hosts"])
+    if allow_hosts and not block_private:
+        # Most likely a guard the caller thinks is on: say so rather than ignore it.
+        raise ValueError("allow_hosts has no effect without block_private=True")
     return Options(
         retry=RetryPolicy.coerce(raw["retry"]),
         timeout=pair,
@@ -192,6 +230,11 @@ def make_options(given: Mapping[str, Any]) -> Options:
         session_factory=session_factory,
         progress=progress,
         backend=backend,
+        per_host=per_host,
+        rate=rate,
+        resume=_flag("resume", raw["resume"]),
+        block_private=block_private,
+        allow_hosts=allow_hosts,
     )
 
 

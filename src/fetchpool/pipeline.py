@@ -10,6 +10,7 @@ or hands them to a backend that drives them on its event loop; the backend behin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,14 +23,16 @@ from typing import Literal, NamedTuple
 from .backends import Reply, Transport
 from .checksums import Algorithm, Expected, hash_file
 from .claims import Claims
-from .deadline import Guard, Watchdog
+from .deadline import Guard, Stop, Watchdog
 from .errors import (
     FetchError,
+    HTTPStatusError,
     NotAnImageError,
     StorageError,
     TransferError,
     UnsafeFilenameError,
 )
+from .hosts import Ticket
 from .naming import (
     check_relative_filename,
     derived_name,
@@ -45,9 +48,10 @@ from .naming import (
 from .options import Options
 from .progress import Emitter
 from .results import DownloadResult
+from .resume import Kept, check_partial_reply, range_headers, validator_of
 from .retry import CLOCK, is_retryable, retrying
 from .sniff import SNIFF_BYTES, sniff_image
-from .steps import Block, Steps, run
+from .steps import Admit, Block, Steps, run
 from .storage import (
     Cancelled,
     PathLock,
@@ -56,6 +60,8 @@ from .storage import (
     child_path,
     inspect_target,
     lock_key,
+    partial_path,
+    read_partial,
     slow_to_create,
     supports_xattrs,
     sweep,
@@ -85,10 +91,16 @@ class Task:
     #: The directory of ``path``, and of every other path the task may take (a derived or
     #: Content-Disposition name is always a sibling): kept, not made again from ``path``.
     directory: Path
+    #: Set when the download is cancelled: the Downloader's event, or its own :class:`Stop`'s.
+    cancel: threading.Event
     #: Every claim taken for this task (derived and Content-Disposition names too).
     claimed: list[Path] = field(default_factory=list)
     #: What the caller expects of the file (from an Item), or ``None``.
     expected: Expected | None = None
+    #: Its standing with the per-host limits, if they are on.
+    ticket: Ticket | None = None
+    #: What stops this download alone, if it can be (``None``: only with the Downloader).
+    stop: Stop | None = None
 
 
 class Outcome(NamedTuple):
@@ -140,7 +152,16 @@ class Pipeline:
         # Lock files stay open while the Downloader lives (its finalizer releases them).
         self.pins = Pins()
         self._sweep(dest)
-        self.claims = Claims(remember=not supports_xattrs(dest))
+        xattrs = supports_xattrs(dest)
+        self.claims = Claims(remember=not xattrs)
+        # resume=True keeps partial files only where they can record what they hold.
+        self._partials = opts.resume and xattrs
+        if opts.resume and not xattrs:
+            log.warning(
+                "resume=True: %s has no user extended attributes; partial files are not "
+                "kept across runs (a body is still resumed within a run)",
+                dest,
+            )
         self._header_secrets = secrets_of("", opts.headers)
 
     # -- preparing a task (caller's thread) --------------------------------------------
@@ -150,10 +171,12 @@ class Pipeline:
         url: object,
         filename: str | os.PathLike[str] | None,
         expected: Expected | None = None,
+        stop: Stop | None = None,
     ) -> Task:
         """Validate ``url`` and claim its final path (on the caller's thread, in input order).
 
-        ``expected`` is what the caller expects of the file, if anything.
+        ``expected`` is what the caller expects of the file, if anything; ``stop``, what
+        stops this download alone, if anything.
 
         Raises:
             InvalidURL: not an http(s) URL.
@@ -164,6 +187,7 @@ class Pipeline:
         shown = redact_url(valid)
         # A URL without user-info has the headers' secrets only: the same for every URL.
         secrets = secrets_of(valid, self.opts.headers) if "@" in valid else self._header_secrets
+        cancel = self._cancel if stop is None else stop.event
         if filename is not None:
             relative = check_relative_filename(filename, valid)
             path = self.dest.joinpath(*relative.parts)
@@ -173,9 +197,23 @@ class Pipeline:
                     f"({shown})",
                     url=shown,
                 )
-            return Task(valid, origin, path, True, shown, secrets, path.parent, [path], expected)
-        path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
-        return Task(valid, origin, path, False, shown, secrets, self.dest, [path], expected)
+            directory = path.parent
+        else:
+            path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
+            directory = self.dest
+        return Task(
+            valid,
+            origin,
+            path,
+            filename is not None,
+            shown,
+            secrets,
+            directory,
+            cancel,
+            [path],
+            expected,
+            stop=stop,
+        )
 
     def refused(self, url: object, error: FetchError) -> DownloadResult:
         """The result of a URL that :meth:`prepare` refused (its "failed" event sent)."""
@@ -188,13 +226,18 @@ class Pipeline:
         url: object,
         filename: str | os.PathLike[str] | None,
         expected: Expected | None = None,
+        ticket: Ticket | None = None,
+        stop: Stop | None = None,
     ) -> Steps[DownloadResult]:
         """:meth:`prepare` and then :meth:`steps`, as one step (for a driver that starts
-        downloads in submit order)."""
+        downloads in submit order); ``ticket``: the download's, with per-host limits."""
         try:
-            task = self.prepare(url, filename, expected)
+            task = self.prepare(url, filename, expected, stop)
         except FetchError as exc:
+            if ticket is not None:
+                ticket.finish()
             return self.refused(url, exc)
+        task.ticket = ticket
         return (yield from self.steps(task))
 
     def run(self, task: Task) -> DownloadResult:
@@ -240,6 +283,8 @@ class Pipeline:
             result = self._failed(task, error, attempts[0], start)
         finally:
             self.release_claims(task, outcome)
+            if task.ticket is not None:
+                task.ticket.finish()
         self._finish(result)
         return result
 
@@ -265,14 +310,14 @@ class Pipeline:
         )
 
     def _download(self, task: Task, attempts: list[int]) -> Steps[Outcome]:
-        if self._cancel.is_set():
+        if task.cancel.is_set():
             raise Cancelled
         start = CLOCK.monotonic()  # the retry budget counts waiting for the lock too
         self._ensure_dir(task)
         if self.opts.content_disposition and not task.caller_named:
             # The name may come with the headers: settle it inside the attempt.
             return (yield from self._with_retries(task, None, None, attempts, start))
-        lock, path, early = yield from self._settle(task, task.path)
+        lock, path, early = yield from self._settle(task, task.path, idle=True)
         if early is not None:
             return early
         assert lock is not None
@@ -310,21 +355,22 @@ class Pipeline:
             log.info("removed %d leftover temporary file(s) in %s", removed, directory)
 
     def _settle(
-        self, task: Task, path: Path
+        self, task: Task, path: Path, idle: bool = False
     ) -> Steps[tuple[PathLock | None, Path, Outcome | None]]:
         """Lock ``path`` and decide: download into it, skip, fail, or take the derived name.
 
+        ``idle``: no response is open (see :class:`~fetchpool.steps.Block`).
         Returns the held lock and the path to write, or no lock and the outcome.
         """
         shown = task.shown
         may_derive = not task.caller_named
         while True:
             lock = PathLock(
-                task.directory, lock_key(path), self._cancel, shown, timeout=self.opts.retry.budget
+                task.directory, lock_key(path), task.cancel, shown, timeout=self.opts.retry.budget
             )
             if not lock.acquire(blocking=False):
                 # Another writer has it: wait where waiting holds up no other download.
-                yield Block(lock.acquire)
+                yield Block(lock.acquire, idle)
             try:
                 found = inspect_target(path)
                 if found.kind == "other":
@@ -343,11 +389,13 @@ class Pipeline:
                 if found.kind == "file" and self.opts.overwrite == "skip":
                     digests: dict[Algorithm, str] | None = None
                     if task.expected is not None:
-                        digests, why = yield from self._check_found(task, path, found.size)
+                        digests, why = yield from self._check_found(task, path, found.size, idle)
                         if why is not None:
                             # Not the file asked for: download it again, under this lock.
                             log.info("%s does not match, downloading it again: %s", path, why)
                             return lock, path, None
+                    if self._partials:
+                        self._remove_partial(path)
                     lock.release()
                     recorded = found.origin == task.origin
                     return (
@@ -365,7 +413,7 @@ class Pipeline:
             return lock, path, None
 
     def _check_found(
-        self, task: Task, path: Path, size: int
+        self, task: Task, path: Path, size: int, idle: bool
     ) -> Steps[tuple[dict[Algorithm, str] | None, str | None]]:
         """Check the file found at ``path`` (``size`` bytes) against the expectations.
 
@@ -385,22 +433,86 @@ class Pipeline:
             return None, None
         read = partial(hash_file, path, algorithms, task.shown)
         # A big file is read where a driver's other downloads do not wait for it.
-        digests: dict[Algorithm, str] = (yield Block(read)) if size > _HASH_INLINE_MAX else read()
+        digests: dict[Algorithm, str] = (
+            (yield Block(read, idle)) if size > _HASH_INLINE_MAX else read()
+        )
         error = expected.digest_error(digests, task.shown, "the file found has")
         return digests, None if error is None else str(error)
+
+    def _remove_partial(self, path: Path) -> None:
+        """Remove the partial file of ``path``, if any (its lock held): it is complete."""
+        partial = partial_path(path)
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
 
     def _with_retries(
         self, task: Task, path: Path | None, key: str | None, attempts: list[int], start: float
     ) -> Steps[Outcome]:
         """Run the attempts into ``path`` (its :func:`lock_key` is ``key``, held), or
-        into the name the headers give, with both ``None``."""
+        into the name the headers give, with both ``None``.
+
+        A body's bytes are kept between attempts (:class:`~fetchpool.resume.Kept`)
+        where the path is known: a name from the headers is locked only during one.
+        """
+        kept: Kept | None = None
+        try:
+            if path is not None:
+                assert key is not None
+                kept = Kept(partial_path(path) if self._partials else None)
+                if kept.partial is not None:
+                    yield from self._adopt(task, key, kept)
+            return (yield from self._attempts(task, path, key, attempts, start, kept))
+        finally:
+            if kept is not None:
+                kept.finish(task.shown)
+
+    def _adopt(self, task: Task, key: str, kept: Kept) -> Steps[None]:
+        """Take the partial file an earlier run left for this URL into ``kept``, if any."""
+        partial = kept.partial
+        assert partial is not None
+        record = read_partial(partial)
+        if record is None:
+            return
+        if record.origin != task.origin or not 0 < record.size < record.total:
+            log.info("%s is not a partial body of %s: starting over", partial, task.shown)
+            return
+        expected = task.expected
+        digests = None if expected is None else expected.digests()
+        tmp = TempFile(task.directory, key, task.shown, digests, partial)
+        try:
+            tmp.trim(record.size)
+            if tmp.digests is not None:
+                # The hashes must cover the bytes kept before the rest comes.
+                if record.size > _HASH_INLINE_MAX:
+                    yield Block(tmp.rehash)
+                else:
+                    tmp.rehash()
+        except BaseException:
+            tmp.keep()
+            raise
+        kept.start(tmp, record.validator, record.total)
+        kept.recorded = True
+        log.info(
+            "resuming %s from %s at byte %d of %d", task.shown, partial, record.size, record.total
+        )
+
+    def _attempts(
+        self,
+        task: Task,
+        path: Path | None,
+        key: str | None,
+        attempts: list[int],
+        start: float,
+        kept: Kept | None,
+    ) -> Steps[Outcome]:
         policy = self.opts.retry
         # Most downloads succeed at once: the first attempt runs here, and the retry
         # machinery (its closures, its generator, tenacity) is set up once it failed.
         attempts[0] = 1
         try:
             time_left = policy.budget - (CLOCK.monotonic() - start)
-            return (yield from self._attempt(task, path, key, time_left))
+            return (yield from self._attempt(task, path, key, time_left, kept))
         except Exception as exc:
             if policy.attempts <= 1 or not is_retryable(exc):
                 raise
@@ -409,7 +521,7 @@ class Pipeline:
 
         def attempt(number: int, time_left: float) -> Steps[Outcome]:
             attempts[0] = number
-            return self._attempt(task, path, key, time_left)
+            return self._attempt(task, path, key, time_left, kept)
 
         def before_retry(exc: BaseException, number: int, wait: float) -> None:
             log.info("retrying %s in %.1f s after attempt %d: %s", shown, wait, number, exc)
@@ -419,7 +531,7 @@ class Pipeline:
             yield from retrying(
                 policy,
                 attempt,
-                cancel=self._cancel,
+                cancel=task.cancel,
                 before_retry=before_retry,
                 start=start,
                 failed=failed,
@@ -427,25 +539,55 @@ class Pipeline:
         )
 
     def _attempt(
-        self, task: Task, path: Path | None, key: str | None, time_left: float
+        self, task: Task, path: Path | None, key: str | None, time_left: float, kept: Kept | None
     ) -> Steps[Outcome]:
         shown = task.shown
-        if self._cancel.is_set():
+        if task.cancel.is_set():
             raise Cancelled
         if time_left <= 0:
             raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
+        ticket = task.ticket
+        if ticket is not None:
+            # The host's turn is waited for outside the attempt's deadline: a busy host
+            # delays the request, it does not fail it.
+            waited = CLOCK.monotonic()
+            yield Admit(ticket, ticket.key, task.cancel)
+            time_left -= CLOCK.monotonic() - waited
+            if time_left <= 0:
+                raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
         limit = "deadline" if self.opts.deadline <= time_left else "retry budget"
+        headers = self.opts.headers
+        offset = 0 if kept is None else kept.offset
+        if offset:
+            assert kept is not None
+            assert kept.validator is not None
+            headers = range_headers(headers, offset, kept.validator)
         with self._watchdog.guard(min(self.opts.deadline, time_left), limit) as guard:
-            log.debug("GET %s", shown)
-            reply = yield from open_response(
-                task.url,
-                headers=self.opts.headers,
-                timeout=self.opts.timeout,
-                allow_downgrade=self.opts.allow_downgrade,
-                guard=guard,
-                secrets=task.secrets,
-                shown=shown,
-            )
+            if task.stop is not None:
+                task.stop.watch(guard)
+            log.debug("GET %s%s", shown, f" from byte {offset}" if offset else "")
+            try:
+                reply = yield from open_response(
+                    task.url,
+                    headers=headers,
+                    timeout=self.opts.timeout,
+                    allow_downgrade=self.opts.allow_downgrade,
+                    guard=guard,
+                    secrets=task.secrets,
+                    shown=shown,
+                    ticket=ticket,
+                    cancel=task.cancel,
+                )
+            except HTTPStatusError as exc:
+                if not offset or exc.status_code != 416:
+                    raise
+                assert kept is not None
+                kept.drop()
+                raise TransferError(
+                    f"cannot resume {shown} at byte {offset}: the server answered "
+                    f"416 Range Not Satisfiable; starting over",
+                    url=shown,
+                ) from exc
             try:
                 lock: PathLock | None = None
                 if path is None:
@@ -460,7 +602,7 @@ class Pipeline:
                     key = lock.key
                 assert key is not None
                 try:
-                    return (yield from self._receive(task, path, key, reply, guard))
+                    return (yield from self._receive(task, path, key, reply, guard, kept, offset))
                 finally:
                     if lock is not None:
                         lock.release()
@@ -476,11 +618,46 @@ class Pipeline:
         return path
 
     def _receive(
-        self, task: Task, path: Path, key: str, reply: Reply, guard: Guard
+        self,
+        task: Task,
+        path: Path,
+        key: str,
+        reply: Reply,
+        guard: Guard,
+        kept: Kept | None,
+        offset: int,
     ) -> Steps[Outcome]:
         shown = task.shown
-        body = Body(reply, shown, self.opts.max_bytes, guard, task.expected)
         content_type = reply.headers.get("Content-Type")
+        if reply.status == 206:
+            if not offset:
+                raise TransferError(
+                    f"{shown} answered 206 Partial Content to a request for the whole body",
+                    url=shown,
+                )
+            assert kept is not None
+            assert kept.total is not None
+            try:
+                check_partial_reply(reply.headers, offset, kept.total, shown)
+            except TransferError:
+                kept.drop()
+                raise
+            body = Body(
+                reply,
+                shown,
+                self.opts.max_bytes,
+                guard,
+                task.expected,
+                offset=offset,
+                total=kept.total,
+            )
+            log.info("resuming %s at byte %d of %d", shown, offset, kept.total)
+            kept.resumed = True
+            return (yield from self._write(task, path, key, b"", body, content_type, kept))
+        if offset:
+            # The validator changed, or the server ignores Range: the whole body again.
+            log.info("%s came whole again: starting over from its first byte", shown)
+        body = Body(reply, shown, self.opts.max_bytes, guard, task.expected)
         head = b""
         while len(head) < SNIFF_BYTES:
             chunk = yield from body.read()
@@ -493,7 +670,44 @@ class Pipeline:
             raise NotAnImageError(
                 f"{shown} is not an image ({what}, starts with {head[:16]!r})", url=shown
             )
-        return (yield from self._write(task, path, key, head, body, content_type))
+        return (yield from self._write(task, path, key, head, body, content_type, kept))
+
+    def _new_file(self, task: Task, key: str, body: Body, kept: Kept | None) -> Steps[TempFile]:
+        """The file for a body from its first byte: a temporary file, or the partial
+        file (emptied, recording what it will hold); ``kept`` holds it from then on."""
+        tmp = None if kept is None else kept.tmp
+        if tmp is None:
+            expected = task.expected
+            digests = None if expected is None else expected.digests()
+            directory = task.directory
+            make = partial(
+                TempFile,
+                directory,
+                key,
+                task.shown,
+                digests,
+                None if kept is None else kept.partial,
+            )
+            if slow_to_create(directory):
+                # Where creating a file takes long, a driver that runs many downloads on
+                # one thread has it done on another, and goes on with the others meanwhile.
+                tmp = yield Block(make)
+            else:
+                tmp = make()
+            assert tmp is not None
+            if kept is None:
+                return tmp
+        assert kept is not None
+        # An encoded body has no size announced (Body.total): it is never resumed.
+        validator = None if body.total is None else validator_of(body.reply.headers)
+        kept.start(tmp, validator, body.total)  # from here on, kept disposes of it
+        if tmp.persistent or tmp.size:
+            # Bytes of an earlier attempt, or a partial file another URL's or a body
+            # whose validator changed: this body starts over from its first byte.
+            tmp.restart()
+        if tmp.persistent:
+            kept.recorded = tmp.record(task.origin, validator, body.total)
+        return tmp
 
     def _write(
         self,
@@ -503,17 +717,16 @@ class Pipeline:
         head: bytes,
         body: Body,
         content_type: str | None,
+        kept: Kept | None,
     ) -> Steps[Outcome]:
         # ``key``: the held lock's, computed once (a SHA-256 of the name).
-        directory = task.directory
         expected = task.expected
-        digests = None if expected is None else expected.digests()
-        if slow_to_create(directory):
-            # Where creating a file takes long, a driver that runs many downloads on
-            # one thread has it done on another, and goes on with the others meanwhile.
-            tmp: TempFile = yield Block(partial(TempFile, directory, key, task.shown, digests))
+        if body.offset:
+            assert kept is not None
+            tmp = kept.tmp
+            assert tmp is not None
         else:
-            tmp = TempFile(directory, key, task.shown, digests)
+            tmp = yield from self._new_file(task, key, body, kept)
         url = task.url
         try:
             if head:
@@ -540,8 +753,11 @@ class Pipeline:
             commit = partial(tmp.commit, path, task.origin, self.opts.fsync)
             # Flushing to disk may take long: not on a thread that other downloads share.
             recorded: bool = (yield Block(commit)) if self.opts.fsync else commit()
-        except BaseException:
-            tmp.discard()
+        except BaseException as exc:
+            if kept is None:
+                tmp.discard()
+            else:
+                kept.settle(exc)
             raise
         return Outcome("downloaded", path, tmp.size, content_type, recorded, hashes)
 

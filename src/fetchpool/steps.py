@@ -2,7 +2,8 @@
 
 The per-URL pipeline (:mod:`fetchpool.pipeline`, :mod:`fetchpool.transfer`) is written
 as generators that ``yield`` an effect wherever they would wait: send a request, read
-body bytes, move a body into a file, sleep before a retry, or call something that may
+body bytes, move a body into a file, sleep before a retry, wait for a host's turn
+(per-host limits), or call something that may
 block for long (a lock another writer holds, an fsync). The effect's result is sent
 back in; its failure is thrown in at the ``yield``.
 
@@ -18,11 +19,14 @@ import threading
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from .storage import Cancelled
+
 if TYPE_CHECKING:
     from .backends import Reply, Request, SpliceSink, Transport
     from .deadline import Guard
+    from .hosts import Ticket
 
-__all__ = ["Block", "Effect", "Read", "Send", "Sleep", "Splice", "Steps", "perform", "run"]
+__all__ = ["Admit", "Block", "Effect", "Read", "Send", "Sleep", "Splice", "Steps", "perform", "run"]
 
 T = TypeVar("T")
 
@@ -60,13 +64,30 @@ class Sleep(NamedTuple):
     cancel: threading.Event
 
 
+class Admit(NamedTuple):
+    """Wait until the per-host limits let a request to ``key`` go (:mod:`fetchpool.hosts`).
+
+    The result is ``None``; a set ``cancel`` ends the wait with
+    :class:`~fetchpool.storage.Cancelled`.
+    """
+
+    ticket: Ticket
+    key: str
+    cancel: threading.Event
+
+
 class Block(NamedTuple):
-    """Call ``call()``, which may block for long; the result is what it returns."""
+    """Call ``call()``, which may block for long; the result is what it returns.
+
+    ``idle``: the download has no transfer open meanwhile, so a driver that gives each
+    transfer a thread may give that thread to another download while the call runs.
+    """
 
     call: Callable[[], Any]
+    idle: bool = False
 
 
-Effect = Send | Read | Splice | Sleep | Block
+Effect = Send | Read | Splice | Sleep | Admit | Block
 #: A resumable step that ends with a ``T``.
 Steps = Generator[Effect, Any, T]
 
@@ -88,6 +109,10 @@ def perform(effect: Effect, transport: Transport | None) -> Any:
         from .retry import CLOCK  # noqa: PLC0415 - retry imports this module
 
         CLOCK.sleep(effect.seconds, effect.cancel)
+        return None
+    if isinstance(effect, Admit):
+        if not effect.ticket.wait(effect.key, effect.cancel.is_set):
+            raise Cancelled
         return None
     return effect.call()
 

@@ -41,20 +41,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .checksums import Digests
+from .checksums import Digests, feed_file
 from .errors import StorageError
-from .naming import RESERVED_PREFIX
+from .naming import PARTIAL_SUFFIX, RESERVED_PREFIX
 
 __all__ = [
     "LOCK_FILE_NAME",
     "ORIGIN_XATTR",
+    "PARTIAL_SUFFIX",
     "Existing",
+    "PartialRecord",
     "PathLock",
     "Pins",
     "TempFile",
     "child_path",
     "inspect_target",
     "lock_key",
+    "partial_path",
+    "read_partial",
     "supports_xattrs",
     "sweep",
 ]
@@ -66,6 +70,13 @@ ORIGIN_XATTR: Final = "user.xdg.origin.url"
 #: The shared lock file of a directory (a reserved name: no download can take it).
 LOCK_FILE_NAME: Final = f"{RESERVED_PREFIX}locks"
 _PART_SUFFIX = ".part"
+# A partial file (resume=True) is ".<final name>" and PARTIAL_SUFFIX, beside the final
+# file. The sweep leaves these alone: they outlive their writer on purpose.
+#: What a partial file records, beside its origin URL: the validator to send in
+#: ``If-Range``, and the size of the whole body.
+VALIDATOR_XATTR: Final = "user.fetchpool.validator"
+TOTAL_XATTR: Final = "user.fetchpool.total"
+_NAME_MAX = 255
 _POLL_MIN = 0.002
 _POLL_MAX = 0.05
 _PRESENCE_TRIES = 1000
@@ -559,16 +570,23 @@ class TempFile:
     ``.fetchpool-<key>-<random>.part`` and moved with ``os.replace``. It is created with
     mode ``0o666`` so the final file gets the process umask's permissions.
 
+    A *partial* file (``partial=``, for ``resume=True``) is the named file
+    ``.<final name>.fetchpool-partial`` instead, opened as it stands (created if
+    missing): it outlives a failed download or a killed process, with what it holds
+    recorded in extended attributes (:meth:`record`), so that a later run continues it.
+
     Args:
         directory: where to create it (the final path's directory).
         key: the :func:`lock_key` of the final path.
         url: the URL as messages show it.
         digests: hashers to feed every byte written, if the body's hash is wanted.
+        partial: the partial file's path (:func:`partial_path`), or ``None``.
 
     Attributes:
         key: the key it was created for.
         path: its name, or ``None`` while it has none.
-        size: the bytes written so far.
+        persistent: it is a partial file, kept when a download fails.
+        size: the bytes written so far (from its start, also for a body resumed).
         digests: the hashers fed by :meth:`write` and :meth:`splice_from`, or ``None``.
         hashing: whether this sink must see every byte of the body (``digests`` is
             set): a writer that would put bytes into the file some other way, not
@@ -579,19 +597,29 @@ class TempFile:
     """
 
     def __init__(
-        self, directory: Path, key: str, url: str = "", digests: Digests | None = None
+        self,
+        directory: Path,
+        key: str,
+        url: str = "",
+        digests: Digests | None = None,
+        partial: Path | None = None,
     ) -> None:
         self._url = url
         self._directory = directory
         self.key = key
         self.path: Path | None = None
+        self.persistent = partial is not None
         self.size = 0
         self.digests = digests
         self.hashing = digests is not None
         self._buffer: bytearray | None = None  # splice_from's, while hashing
         began = time.perf_counter()
         try:
-            self._fd: int | None = _open_unnamed(directory) if UNNAMED else None
+            if partial is not None:
+                self._fd: int | None = _open_partial(partial)
+                self.path = partial
+                return
+            self._fd = _open_unnamed(directory) if UNNAMED else None
             if self._fd is None:
                 self.path = self._new_name()
                 self._fd = _create_named(self.path)
@@ -656,6 +684,86 @@ class TempFile:
         except OSError as exc:
             raise self._error("cannot write to", self._directory, exc) from exc
 
+    def trim(self, size: int | None = None) -> None:
+        """Make the file hold its first ``size`` bytes (:attr:`size` by default), and
+        write on from there.
+
+        After a body broke, to keep what it wrote: a direct sink allocated the file
+        beyond its last byte (:meth:`direct`). A partial file found from an earlier run
+        is taken with its own size.
+
+        Raises:
+            StorageError: the file cannot be cut (an I/O error...).
+        """
+        assert self._fd is not None
+        size = self.size if size is None else size
+        try:
+            os.ftruncate(self._fd, size)
+            os.lseek(self._fd, size, os.SEEK_SET)
+        except OSError as exc:
+            raise self._error("cannot write to", self._directory, exc) from exc
+        self.size = size
+
+    def rehash(self) -> None:
+        """Feed the hashers the :attr:`size` bytes the file holds (a partial file taken
+        from an earlier run: its hashes must cover them before the rest comes).
+
+        Raises:
+            StorageError: the file cannot be read.
+        """
+        assert self._fd is not None
+        if self.digests is None:
+            return
+        try:
+            feed_file(self._fd, self.digests, self.size)
+        except OSError as exc:
+            raise self._error("cannot read", self._directory, exc) from exc
+
+    def restart(self) -> None:
+        """Empty the file (and its hashers) for a body that starts over from its first byte.
+
+        Raises:
+            StorageError: the file cannot be cut.
+        """
+        self.trim(0)
+        if self.digests is not None:
+            self.digests = self.digests.fresh()
+
+    def record(self, origin: str, validator: str | None, total: int | None) -> bool:
+        """Record on a partial file what it holds: the body of ``origin`` whose
+        validator is ``validator`` and whole size ``total``.
+
+        Without a validator or a size the file cannot be resumed: it records none, and
+        :func:`read_partial` then ignores it (a file killed meanwhile is never taken).
+        Call it on an empty file, before writing: the record never describes bytes that
+        came before it.
+
+        Returns:
+            Whether it was recorded (``False`` where xattrs are unsupported).
+        """
+        assert self._fd is not None
+        fd = self._fd
+        try:
+            _remove_xattr(fd, VALIDATOR_XATTR)
+            if validator is None or total is None:
+                return False
+            return (
+                _set_xattr(fd, ORIGIN_XATTR, origin)
+                and _set_xattr(fd, TOTAL_XATTR, str(total))
+                and _set_xattr(fd, VALIDATOR_XATTR, validator)
+            )
+        except OSError:
+            return False
+
+    def keep(self) -> None:
+        """Close the file and leave it where it is (idempotent): a partial file, for a
+        later run."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self.path = None
+
     def direct(self, length: int) -> int | None:
         """Return a new descriptor of the file, its next ``length`` bytes allocated.
 
@@ -678,7 +786,9 @@ class TempFile:
                 large...), with the errno.
         """
         assert self._fd is not None
-        if self.hashing:
+        if self.hashing or self.persistent:
+            # A partial file must never be longer than what was written: a process killed
+            # with it allocated ahead would leave zeros taken for the body's bytes.
             return None
         try:
             os.posix_fallocate(self._fd, os.lseek(self._fd, 0, os.SEEK_CUR), length)
@@ -730,6 +840,9 @@ class TempFile:
         fd = self._fd
         assert fd is not None
         try:
+            if self.persistent:
+                _remove_xattr(fd, VALIDATOR_XATTR)
+                _remove_xattr(fd, TOTAL_XATTR)
             recorded = _finish(fd, origin, fsync)
             if self.path is None:
                 try:
@@ -783,14 +896,11 @@ class TempFile:
 
     def discard(self) -> None:
         """Close and remove the temporary file (idempotent)."""
-        if self._fd is not None:
+        path = self.path
+        self.keep()
+        if path is not None:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-        if self.path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            self.path = None
+                os.unlink(path)
 
 
 #: The buffer of :meth:`TempFile.splice_from` while hashing (a pipe holds up to 1 MiB).
@@ -949,19 +1059,99 @@ def _link_unnamed(fd: int, path: Path) -> bool:
 
 
 def _set_origin(fd: int, origin: str) -> bool:
+    return _set_xattr(fd, ORIGIN_XATTR, origin)
+
+
+def _set_xattr(fd: int, name: str, value: str) -> bool:
     setxattr = _SETXATTR
     if setxattr is None:
         return False
     try:
-        setxattr(fd, ORIGIN_XATTR, origin.encode("utf-8", "surrogatepass"))
+        setxattr(fd, name, value.encode("utf-8", "surrogatepass"))
     except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.E2BIG, errno.ERANGE):
+        if exc.errno in _NO_XATTR:
             return False
         raise
     return True
 
 
+def _remove_xattr(fd: int, name: str) -> None:
+    removexattr = getattr(os, "removexattr", None)
+    if removexattr is None:
+        return
+    try:
+        removexattr(fd, name)
+    except OSError as exc:
+        if exc.errno not in (*_NO_XATTR, errno.ENODATA):
+            raise
+
+
 _SETXATTR = getattr(os, "setxattr", None)
+# What setting an xattr fails with where the filesystem (or the value) does not allow it.
+_NO_XATTR = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.E2BIG, errno.ERANGE)
+
+
+def partial_path(final: Path) -> Path | None:
+    """Return the partial file of ``final`` (``resume=True``), or ``None`` if the name
+    would be too long for the filesystem (that file is then not resumed across runs)."""
+    name = f".{final.name}{PARTIAL_SUFFIX}"
+    if len(os.fsencode(name)) > _NAME_MAX:
+        return None
+    return child_path(final.parent, name)
+
+
+def _open_partial(path: Path) -> int:
+    """Open (create) the partial file ``path`` for reading and writing, not truncated.
+
+    A symlink there is replaced by a file, never written through.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+    os.unlink(path)
+    return os.open(path, flags | os.O_EXCL, 0o666)
+
+
+@dataclass(frozen=True)
+class PartialRecord:
+    """What a partial file holds, as recorded on it (see :meth:`TempFile.record`).
+
+    Attributes:
+        size: the bytes it holds.
+        origin: the URL its bytes came from.
+        validator: the ``ETag`` or ``Last-Modified`` of that body.
+        total: the size of the whole body.
+    """
+
+    size: int
+    origin: str
+    validator: str
+    total: int
+
+
+def read_partial(path: Path) -> PartialRecord | None:
+    """Return the record of the partial file at ``path``, or ``None`` if there is no
+    such file (a symlink is not one), or it records no complete validator."""
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:
+        return None
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        values = [
+            getxattr(path, name, follow_symlinks=False).decode("utf-8", "surrogateescape")
+            for name in (ORIGIN_XATTR, VALIDATOR_XATTR, TOTAL_XATTR)
+        ]
+    except OSError:
+        return None
+    origin, validator, total = values
+    if not total.isascii() or not total.isdigit():
+        return None
+    return PartialRecord(st.st_size, origin, validator, int(total))
 
 
 def _fsync_dir(directory: Path) -> None:

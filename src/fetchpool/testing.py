@@ -30,7 +30,25 @@ and gives the URL its basename (an extension such as ``.png`` picks the format):
     /corrupt/<n>/<name>?size=N      the first n requests get the image with its last byte
                                     changed (same length and type, another hash), then
                                     the image; ?size= as for /big/
-    /big/<name>?size=N              an image of N bytes (default 4 MiB, at most 256 MiB)
+    /big/<name>?size=N              an image of N bytes (default 4 MiB, at most 256 MiB),
+                                    with ETag and Last-Modified, honouring Range and
+                                    If-Range (206, 416); ?etag=weak|none, ?modified=0
+                                    leave validators out; ImageServer.generation
+                                    changes them (a new version of the file)
+    /cut/<name>?size=N&cuts=K       /big/<name>?size=N (the same body), but each of the
+                                    first K requests (default 3) is cut at a random
+                                    point past 1 MiB (seeded),
+                                    by a clean close (?reset=1: a TCP reset; ?at=F: at
+                                    the fraction F of the body; ?stall=1: the answer
+                                    stops there and hangs until the client leaves)
+    /no-range/<name>?size=N&cuts=K  as /cut/, ignoring Range: always 200 and the whole body
+    /bad-range/<name>?wrong=W       as /big/; the first request is cut at half the
+                                    body, the second (asking for the rest) gets a wrong
+                                    answer W: start (206 from the wrong byte), total
+                                    (206 of another total), garbage (Content-Range
+                                    unparsable), none (206 without Content-Range) or
+                                    416; with W=first, the first request (no Range)
+                                    gets a 206 of the whole body instead
     /drip/<name>?interval=0.2       the body one byte per interval
     /drip-headers/<name>?interval=  the status line and headers one byte per interval
     /slow/<name>?delay=2.0          waits delay seconds, then the image
@@ -58,6 +76,7 @@ instant and records them, for tests of code that downloads with fetchpool.
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import hashlib
 import html
@@ -129,6 +148,14 @@ _REDIRECT_CODES: Final = frozenset({301, 302, 303, 307, 308})
 _BIG_DEFAULT: Final = 4 * 1024 * 1024
 _BIG_MAX: Final = 256 * 1024 * 1024
 _STOP_JOIN_TIMEOUT: Final = 5.0
+# A /cut/ point falls past this, so that a client that keeps 1 MiB has something to keep.
+_CUT_MIN: Final = 1024 * 1024 + 64 * 1024
+_CUTS_DEFAULT: Final = 3
+# What a stalled answer waits for at most (the server's stop wakes it).
+_STALL_MAX: Final = 600.0
+# Last-Modified of the ranged routes (generation 0), a second later per generation.
+_LAST_MODIFIED: Final = 1_700_000_000
+_RANGED_ROUTES: Final = frozenset({"big", "cut", "no-range", "bad-range"})
 _POLL_INTERVAL: Final = 0.05
 
 # Routes whose body is a plain derived image (possibly delivered badly).
@@ -569,8 +596,15 @@ class _Handler(BaseHTTPRequestHandler):
         owner._record(target.path, self.headers.items())
         try:
             latency = owner.latency
-            if latency > 0 and self._pause(latency):
-                return
+            if latency > 0:
+                # Counted while it waits: a client that has the answer may send its
+                # next request before this thread has written its last line.
+                owner._in_flight(1)
+                try:
+                    if self._pause(latency):
+                        return
+                finally:
+                    owner._in_flight(-1)
             image = owner._corpus_image(target)
             if image is not None:
                 self._send(200, image[1], _CONTENT_TYPES[image[0]])
@@ -793,6 +827,127 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[:-1] + bytes((body[-1] ^ 0xFF,))
         self._send(200, body, _CONTENT_TYPES[kind])
 
+    def _send_ranged(
+        self,
+        t: _Target,
+        *,
+        honour_range: bool = True,
+        cut: Callable[[int, int], int | None] | None = None,
+        wrong: str | None = None,
+    ) -> None:
+        """Serve an image with validators, honouring ``Range``/``If-Range`` if asked to.
+
+        Args:
+            cut: given the first byte sent and the total, where to cut this answer
+                (``None``: not cut); how is the target's ``?reset=1``/``?stall=1``.
+            wrong: a wrong 206 to give instead of the right one (see /bad-range/).
+        """
+        image = self._image(t)
+        if image is None:
+            return
+        kind, body = image
+        owner = self.server.owner
+        params = _query(t)
+        total = len(body)
+        if wrong == "416":
+            self._send_text(
+                416, "416 Range Not Satisfiable\n", [("Content-Range", f"bytes */{total}")]
+            )
+            return
+        etag, modified = owner._validators(body, params)
+        headers = [("Content-Type", _CONTENT_TYPES[kind]), ("Accept-Ranges", "bytes")]
+        if etag is not None:
+            headers.append(("ETag", etag))
+        if modified is not None:
+            headers.append(("Last-Modified", modified))
+        start, code = 0, 200
+        asked = self.headers.get("Range")
+        if honour_range and asked is not None:
+            if_range = self.headers.get("If-Range")
+            current = if_range is None or (
+                if_range in (etag, modified) and not if_range.startswith("W/")
+            )
+            first = _range_start(asked)
+            if current and first is not None:
+                if first >= total:
+                    extra = [("Content-Range", f"bytes */{total}")]
+                    self._send_text(416, "416 Range Not Satisfiable\n", extra)
+                    return
+                start, code = first, 206
+        if wrong == "first":
+            code = 206
+        if wrong == "start":
+            start = max(0, start - 1)
+        part = body[start:]
+        if code == 206:
+            content_range = {
+                "total": f"bytes {start}-{total}/{total + 1}",
+                "garbage": "bytes abc",
+                "none": None,
+            }.get(wrong or "", f"bytes {start}-{total - 1}/{total}")
+            if content_range is not None:
+                headers.append(("Content-Range", content_range))
+        headers.append(("Content-Length", str(len(part))))
+        head = self._head(code, headers)
+        if self._head_only:
+            self._write(head)
+            return
+        at = None if cut is None else cut(start, total)
+        if at is not None and start < at < total:
+            part = part[: at - start]
+        else:
+            at = None
+        owner._count_served(t.path, len(part))
+        self._write(head + part)
+        if at is None:
+            return
+        if params.get("stall") == "1":
+            self._pause(_STALL_MAX)
+            self.close_connection = True
+        elif params.get("reset") == "1":
+            self._reset_connection()
+        else:
+            # No "Connection: close": a server dying mid-body, then a clean FIN.
+            self.close_connection = True
+
+    def _cutter(self, t: _Target) -> Callable[[int, int], int | None] | None:
+        """Where the answer to this request of a /cut/ or /no-range/ target is cut."""
+        params = _query(t)
+        cuts = _small_int(params["cuts"]) if "cuts" in params else _CUTS_DEFAULT
+        owner = self.server.owner
+        attempt = owner._attempt(t.key)
+        if cuts is None or attempt >= cuts:
+            return None
+        fraction = _float_param(params, "at", -1.0)
+        rng = random.Random(f"{owner.seed}:{t.key}:{attempt}")
+
+        def cut(start: int, total: int) -> int | None:
+            if fraction >= 0:
+                return int(total * fraction)
+            low = max(start + 1, _CUT_MIN)
+            return rng.randint(low, total - 1) if low <= total - 1 else None
+
+        return cut
+
+    def _r_big(self, t: _Target) -> None:
+        self._send_ranged(t)
+
+    def _r_cut(self, t: _Target) -> None:
+        self._send_ranged(t, cut=self._cutter(t))
+
+    def _r_no_range(self, t: _Target) -> None:
+        self._send_ranged(t, honour_range=False, cut=self._cutter(t))
+
+    def _r_bad_range(self, t: _Target) -> None:
+        wrong = _query(t).get("wrong", "start")
+        attempt = self.server.owner._attempt(t.key)
+        if wrong == "first":
+            self._send_ranged(t, wrong=wrong if attempt == 0 else None)
+        elif attempt == 0:
+            self._send_ranged(t, cut=lambda start, total: total // 2)
+        else:
+            self._send_ranged(t, wrong=wrong if attempt == 1 else None)
+
     def _r_fail(self, t: _Target) -> None:
         parsed = _parse_fail(t)
         if parsed is None:
@@ -949,7 +1104,10 @@ _ROUTES: Final[dict[str, Callable[[_Handler, _Target], None]]] = {
     "broken-chunk": _Handler._r_broken_chunk,
     "fail": _Handler._r_fail,
     "corrupt": _Handler._r_corrupt,
-    "big": _Handler._r_image,
+    "big": _Handler._r_big,
+    "cut": _Handler._r_cut,
+    "no-range": _Handler._r_no_range,
+    "bad-range": _Handler._r_bad_range,
     "status": _Handler._r_status,
     "redirect": _Handler._r_redirect,
     "redirect-to": _Handler._r_redirect_to,
@@ -964,6 +1122,15 @@ _ROUTES: Final[dict[str, Callable[[_Handler, _Target], None]]] = {
     "html-as-image": _Handler._r_html_as_image,
     "headers": _Handler._r_headers,
 }
+
+
+def _range_start(value: str) -> int | None:
+    """The first byte of a ``Range: bytes=N-`` (or ``bytes=N-M``) header, or ``None``."""
+    unit, _, spec = value.strip().partition("=")
+    first = spec.partition("-")[0].strip()
+    if unit.strip().lower() != "bytes" or "," in spec or not first.isdigit():
+        return None
+    return int(first)
 
 
 def _join_headers(items: Sequence[tuple[str, Any]]) -> dict[str, str]:
@@ -992,6 +1159,10 @@ class ImageServer:
 
     Attributes:
         latency: per-request delay in seconds, read on every request.
+        generation: the version of the files of the ranged routes (``/big/``,
+            ``/cut/``...): a test changes it to make their ``ETag`` and
+            ``Last-Modified`` change, as a file replaced on the server would.
+        seed: the seed of the corpus and of the ``/cut/`` points.
         errors: unexpected exceptions raised in handler threads (should stay empty;
             disconnects are not errors).
     """
@@ -1008,6 +1179,8 @@ class ImageServer:
         if n_images < 0:
             raise ValueError(f"n_images must be >= 0, got {n_images}")
         self.latency: float = float(latency)
+        self.generation: int = 0
+        self.seed = seed
         self.errors: list[BaseException] = []
         self._host = host
         self._port = port
@@ -1017,8 +1190,13 @@ class ImageServer:
         self._hits: Counter[str] = Counter()
         self._attempts: Counter[str] = Counter()
         self._last_headers: dict[str, dict[str, str]] = {}
+        self._ranges: dict[str, list[str | None]] = {}
+        self._served: Counter[str] = Counter()
         self._total = 0
         self._accepted = 0
+        self._serving = 0
+        self._peak = 0
+        self._times: list[float] = []
         self._lifecycle = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -1166,8 +1344,9 @@ class ImageServer:
             return self._hits[key]
 
     def reset_hits(self) -> None:
-        """Zero the hit counters, :attr:`total_requests`, :attr:`total_connections` and
-        :meth:`last_headers`.
+        """Zero the hit counters, :attr:`total_requests`, :attr:`total_connections`,
+        :attr:`peak_concurrency`, :attr:`request_times`, :meth:`last_headers`,
+        :meth:`ranges` and :meth:`bytes_served`.
 
         The per-URL state of ``/fail/``, ``/corrupt/``, ``/reset-once/`` and
         ``/truncate-once/`` is kept; use a fresh ``<name>`` to get fresh failures.
@@ -1175,8 +1354,12 @@ class ImageServer:
         with self._lock:
             self._hits.clear()
             self._last_headers.clear()
+            self._ranges.clear()
+            self._served.clear()
             self._total = 0
             self._accepted = 0
+            self._peak = self._serving
+            self._times.clear()
 
     def _count_connection(self) -> None:
         with self._lock:
@@ -1194,6 +1377,20 @@ class ImageServer:
         with self._lock:
             return self._total
 
+    @property
+    def peak_concurrency(self) -> int:
+        """The most requests waiting out :attr:`latency` at once, since start or
+        :meth:`reset_hits`: how many a client had in flight (0 without latency)."""
+        with self._lock:
+            return self._peak
+
+    @property
+    def request_times(self) -> list[float]:
+        """When each request arrived (``time.monotonic()``), since start or
+        :meth:`reset_hits`, in order."""
+        with self._lock:
+            return list(self._times)
+
     def last_headers(self, path: str) -> dict[str, str] | None:
         """Return the headers of the latest request for a path, or None if none came.
 
@@ -1209,14 +1406,61 @@ class ImageServer:
             headers = self._last_headers.get(key)
             return dict(headers) if headers is not None else None
 
+    def ranges(self, path: str) -> list[str | None]:
+        """Return the ``Range`` header of every request for a path, in order (``None``
+        for a request without one).
+
+        Args:
+            path: as for :meth:`hits`.
+        """
+        key = _target(path).path
+        with self._lock:
+            return list(self._ranges.get(key, ()))
+
+    def bytes_served(self, path: str) -> int:
+        """Return how many body bytes the ranged routes sent for a path (cut answers
+        count what they sent).
+
+        Args:
+            path: as for :meth:`hits`.
+        """
+        key = _target(path).path
+        with self._lock:
+            return self._served[key]
+
     # -------------------------------------------------------------- internals
 
     def _record(self, path: str, headers: Sequence[tuple[str, Any]]) -> None:
         joined = _join_headers(headers)
+        asked = next((str(v) for k, v in headers if k.lower() == "range"), None)
         with self._lock:
             self._hits[path] += 1
             self._total += 1
             self._last_headers[path] = joined
+            self._times.append(time.monotonic())
+            self._ranges.setdefault(path, []).append(asked)
+
+    def _in_flight(self, step: int) -> None:
+        with self._lock:
+            self._serving += step
+            self._peak = max(self._peak, self._serving)
+
+    def _count_served(self, path: str, count: int) -> None:
+        with self._lock:
+            self._served[path] += count
+
+    def _validators(self, body: bytes, params: dict[str, str]) -> tuple[str | None, str | None]:
+        """The ``ETag`` and ``Last-Modified`` of a ranged answer (``None``: not sent)."""
+        generation = self.generation
+        etag: str | None = f'"{zlib.crc32(body):08x}-{generation}"'
+        if params.get("etag") == "weak":
+            etag = f"W/{etag}"
+        elif params.get("etag") == "none":
+            etag = None
+        modified = None
+        if params.get("modified") != "0":
+            modified = email.utils.formatdate(_LAST_MODIFIED + generation, usegmt=True)
+        return etag, modified
 
     def _attempt(self, key: str) -> int:
         """Count a request to a stateful URL; return how many came before it."""
@@ -1250,6 +1494,13 @@ class ImageServer:
             return _derived_image(t.key, t.path) if _parse_fail(t) is not None else None
         if t.route == "big":
             return _derived_image(t.key, t.path, _size_param(t, _BIG_DEFAULT))
+        if t.route in _RANGED_ROUTES:
+            # The body of /big/ with the same name and size: the faults' own parameters
+            # (cuts, run...) give fresh per-URL state, not another body to make.
+            size = _query(t).get("size")
+            return self._image_for(
+                _target(f"/big/{t.rest}" + ("" if size is None else f"?size={size}"))
+            )
         if t.route == "corrupt":
             if _parse_count(t) is None:
                 return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import threading
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Protocol
@@ -19,9 +20,10 @@ from .backends import BodyEnded, Reply, Request, SpliceSink, check_guard, descri
 from .checksums import Expected
 from .deadline import Guard
 from .errors import ChecksumError, HTTPStatusError, RedirectError, TooLargeError, TransferError
+from .hosts import Ticket, host_key
 from .naming import is_sensitive_header, redact_url, split_userinfo
 from .retry import parse_retry_after
-from .steps import Read, Send, Splice, Steps
+from .steps import Admit, Read, Send, Splice, Steps
 
 __all__ = [
     "CHUNK_SIZE",
@@ -74,13 +76,17 @@ def open_response(
     guard: Guard,
     secrets: tuple[str, ...],
     shown: str = "",
+    ticket: Ticket | None = None,
+    cancel: threading.Event | None = None,
 ) -> Steps[Reply]:
     """Send GET for ``url``, following up to 10 redirects; the step ends with the 2xx reply.
 
     The reply is streamed: its body is unread. The caller must close it.
     ``secrets`` (from :func:`~fetchpool.naming.secrets_of`) are kept out of messages.
     ``shown`` is the URL as messages show it (:func:`~fetchpool.naming.redact_url`), if
-    the caller has it already.
+    the caller has it already. With per-host limits, ``ticket`` is the download's, already
+    admitted for the first request: each redirect hop is admitted to its own host (until
+    ``cancel`` is set), and a 429 or 503 with ``Retry-After`` pauses the host that sent it.
 
     Raises:
         HTTPStatusError: the final answer is not 2xx (its body is never read).
@@ -96,6 +102,10 @@ def open_response(
     seen = {current}
     cross_origin = False
     for hop in range(MAX_REDIRECTS + 1):
+        if hop and ticket is not None:
+            key = host_key(current)
+            if key is not None:
+                yield Admit(ticket, key, cancel or threading.Event())
         request = Request(
             url=current,
             headers=_request_headers(headers, cross_origin),
@@ -116,6 +126,10 @@ def open_response(
         reply.close()
         if status not in _REDIRECT_STATUSES or location is None:
             retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+            if ticket is not None and retry_after and status in (429, 503):
+                key = host_key(current)
+                if key is not None:
+                    ticket.pause(key, retry_after, status)
             reason = reply.reason or http.client.responses.get(status, "")
             raise HTTPStatusError(
                 f"HTTP {status} {reason} for {shown}".rstrip(),
@@ -241,6 +255,9 @@ class Body:
         expected: what the caller expects of the body; its ``size`` is checked here
             against ``Content-Length`` and against the bytes received (that the body
             is not shorter is the writer's to check, at its end).
+        offset: for the rest of a body resumed (a ``206``), the bytes of it the file
+            holds already: they count against the limits, and progress counts on from
+            them. ``total`` is then the size of the whole body.
 
     Raises (on construction):
         TooLargeError: ``Content-Length`` exceeds ``max_bytes``.
@@ -256,6 +273,8 @@ class Body:
         max_bytes: int | None,
         guard: Guard | None,
         expected: Expected | None = None,
+        offset: int = 0,
+        total: int | None = None,
     ) -> None:
         self.reply = reply
         self.shown = shown
@@ -274,6 +293,10 @@ class Body:
             )
         # With an encoding the length counts compressed bytes: no size announced.
         self.total = self.length if self.decoder is None else None
+        #: The bytes of the body before this answer's (kept in the file), or 0.
+        self.offset = offset
+        if offset:
+            self.total = total
         if self.total is not None and max_bytes is not None and self.total > max_bytes:
             raise TooLargeError(
                 f"{shown} announces {self.total} bytes, over max_bytes={max_bytes}", url=shown
@@ -293,9 +316,9 @@ class Body:
                 raise error
             if max_bytes is None or expected.size < max_bytes:
                 self._limit = expected.size
-        #: Body bytes received as sent, and after decoding.
+        #: Body bytes received as sent, and after decoding (with those before ``offset``).
         self.received = 0
-        self.decoded = 0
+        self.decoded = offset
         self._draining = False  # the decoder may have more output for the last input
         self._ended = False
 

@@ -15,10 +15,12 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
 
 from ..deadline import Guard
-from ..errors import FetchError, InvalidURL, TransferError
+from ..errors import BlockedAddressError, FetchError, InvalidURL, TransferError
 from ..naming import scrub
+from ..ssrf import AddressPolicy, Refusal
 
 if TYPE_CHECKING:
+    from ..hosts import Ticket
     from ..steps import Steps
 
 T = TypeVar("T")
@@ -36,10 +38,13 @@ __all__ = [
     "describe",
     "on_done",
     "open_transport",
+    "refused",
 ]
 
 #: What went wrong below HTTP, as every backend classifies it.
-Failure = Literal["invalid-url", "tls", "tls-dropped", "malformed", "timeout", "connection"]
+Failure = Literal[
+    "invalid-url", "tls", "tls-dropped", "malformed", "timeout", "connection", "blocked"
+]
 
 
 class Request(NamedTuple):
@@ -138,7 +143,8 @@ class Transport(Protocol):
     """A backend: sends single requests on behalf of the pipeline's worker threads.
 
     A backend that can drive the pipeline's steps itself (an event loop) also has
-    ``runner(workers, cancel) -> Runner``; the pool then uses it instead of threads.
+    ``runner(workers, hosts) -> Runner`` (``hosts``: the per-host limits, or ``None``);
+    the pool then uses it instead of threads.
     """
 
     def send(self, request: Request, guard: Guard) -> Reply:
@@ -160,8 +166,12 @@ class Transport(Protocol):
 class Runner(Protocol):
     """Runs downloads' steps (:mod:`fetchpool.steps`) and gives their results as futures."""
 
-    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
-        """Run the steps ``start()`` makes; the future gets what they end with."""
+    def submit(self, start: Callable[[], Steps[T]], ticket: Ticket | None = None) -> Future[T]:
+        """Run the steps ``start()`` makes; the future gets what they end with.
+
+        With per-host limits, ``ticket`` is the download's: it starts once
+        :meth:`HostLimits.pop <fetchpool.hosts.HostLimits.pop>` hands it out.
+        """
         ...
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -194,7 +204,12 @@ def describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
 
 
 def attempt_error(
-    kind: Failure, shown: str, during: str, detail: str, guard: Guard | None
+    kind: Failure,
+    shown: str,
+    during: str,
+    detail: str,
+    guard: Guard | None,
+    refusal: Refusal | None = None,
 ) -> FetchError:
     """Return the error for a failure below HTTP, worded the same for every backend.
 
@@ -207,12 +222,21 @@ def attempt_error(
         during: ``"requesting"`` or ``"while reading"``.
         detail: the backend's own text for the cause (secrets already removed).
         guard: the attempt's guard.
+        refusal: for ``"blocked"``, what the SSRF guard refused (its host and address).
     """
     if guard is not None and guard.cancelled:
         return TransferError(f"download of {shown} cancelled", url=shown, cancelled=True)
     if guard is not None and guard.fired:
         return TransferError(
             f"{guard.limit} of {guard.seconds:.3g} s exceeded {during} {shown}", url=shown
+        )
+    if kind == "blocked":
+        # Not a TransferError: nothing was sent, and another attempt resolves the same.
+        return BlockedAddressError(
+            f"connection refused by block_private {during} {shown}: {detail}",
+            url=shown,
+            host=refusal.host if refusal is not None else "",
+            address=refusal.address if refusal is not None else "",
         )
     if kind == "invalid-url":
         return InvalidURL(f"invalid URL {shown}: {detail}", url=shown)
@@ -237,10 +261,20 @@ def check_guard(guard: Guard | None, shown: str, during: str = "while reading") 
         raise attempt_error("timeout", shown, during, "stopped", guard)
 
 
+def refused(refusal: Refusal, shown: str, during: str, guard: Guard | None) -> FetchError:
+    """Return the error for a connection the SSRF guard refused (see :mod:`fetchpool.ssrf`)."""
+    return attempt_error("blocked", shown, during, str(refusal), guard, refusal)
+
+
 def open_transport(
-    backend: str, workers: int, session_factory: Callable[[], object] | None = None
+    backend: str,
+    workers: int,
+    session_factory: Callable[[], object] | None = None,
+    policy: AddressPolicy | None = None,
 ) -> Transport:
     """Return a new transport of the named backend, for a pool of ``workers`` threads.
+
+    ``policy``, where not ``None``, is the SSRF guard every connection is checked by.
 
     Raises:
         ValueError: an unknown backend.
@@ -250,7 +284,7 @@ def open_transport(
     if backend == "requests":
         from .requests import RequestsTransport  # noqa: PLC0415
 
-        return RequestsTransport(workers, session_factory)  # type: ignore[arg-type]
+        return RequestsTransport(workers, session_factory, policy)  # type: ignore[arg-type]
     if backend == "curl":
         try:
             from .curl import CurlTransport  # noqa: PLC0415
@@ -258,5 +292,5 @@ def open_transport(
             raise ImportError(
                 f"backend='curl' needs pycurl: pip install \"fetchpool[curl]\" ({exc})"
             ) from exc
-        return CurlTransport(workers)
+        return CurlTransport(workers, policy)
     raise ValueError(f"unknown backend {backend!r}")

@@ -24,9 +24,11 @@ import base64
 import heapq
 import itertools
 import logging
+import math
 import os
 import re
 import select
+import socket
 import threading
 import time
 from collections import deque
@@ -45,10 +47,23 @@ from requests.utils import get_environ_proxies, select_proxy
 from .. import __version__
 from ..deadline import Guard
 from ..errors import FetchError, StorageError, TransferError
+from ..hosts import HostLimits, Ticket
 from ..retry import CLOCK
-from ..steps import Read, Send, Sleep, Splice, Steps, perform
+from ..ssrf import AddressPolicy, Refusal
+from ..steps import Admit, Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
-from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
+from ..storage import Cancelled
+from ..workers import IN_PROGRESS
+from . import (
+    BodyEnded,
+    Failure,
+    Request,
+    SpliceSink,
+    attempt_error,
+    check_guard,
+    describe,
+    refused,
+)
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
 
@@ -431,6 +446,13 @@ class _Transfer:
     direct: BinaryIO | None = None
     direct_base = 0
     direct_counted = 0
+    # The SSRF guard (loop thread): the URL's host, whether it goes through a proxy (the
+    # guard does not check the proxy's address), the first address refused, and whether
+    # a socket to an allowed one was opened.
+    host = ""
+    proxied = False
+    refused: Refusal | None = None
+    reached = False
 
     def __init__(
         self, request: Request, guard: Guard, read_timeout: float, start: float, slot: _Slot
@@ -546,6 +568,8 @@ class _Transfer:
         if self.code == pycurl.E_PARTIAL_FILE and self.ready:
             raise BodyEnded from cause
         kind = self.failure or _classify(self.code, self.message)
+        if kind == "blocked" and self.refused is not None:
+            raise refused(self.refused, request.shown, during, self.guard) from self.refused
         detail = describe(cause, request.secrets)
         raise attempt_error(kind, request.shown, during, detail, self.guard) from cause
 
@@ -559,8 +583,25 @@ class _Run:
         self.steps = steps
         self.future = future
         # What it waits for: a transfer (headers or bytes), a blocking call, room for
-        # its request (the Send), or (None) nothing but time, as a sleeper.
-        self.parked: _Transfer | Future[Any] | Send | None = None
+        # its request (the Send), its host's turn (the Admit: a sleeper, or waiting for a
+        # slot), or (None) nothing but time, as a sleeper.
+        self.parked: _Transfer | Future[Any] | Send | Admit | None = None
+
+
+class _Handed:
+    """A new socket's descriptor for pycurl, which gives libcurl a duplicate of it: the
+    original is closed as soon as pycurl lets go of this."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
 
 
 class _Slot:
@@ -598,6 +639,10 @@ class _Slot:
         else:
             easy.setopt(pycurl.CAINFO, transport.ca_bundle)
         easy.setopt(pycurl.PREREQFUNCTION, self.on_connected)
+        if transport.policy is not None:
+            # libcurl resolves, then asks for a socket to each address it connects to:
+            # what is checked here is the address connected to, for every new connection.
+            easy.setopt(pycurl.OPENSOCKETFUNCTION, self.on_open_socket)
         easy.setopt(pycurl.HEADERFUNCTION, self.on_header)
         easy.setopt(pycurl.WRITEFUNCTION, self.on_write)
 
@@ -611,6 +656,25 @@ class _Slot:
             t.active = time.monotonic()
             self._transport.idle_check_by(t.active + t.read_timeout)
         return 0  # CURL_PREREQFUNC_OK
+
+    def on_open_socket(self, purpose: int, address: Any) -> object:
+        # Refuse a blocked address (libcurl then tries the next one, if any); _done turns
+        # a transfer that found none allowed into a BlockedAddressError.
+        t = self.transfer
+        policy = self._transport.policy
+        if t is None or policy is None:
+            return pycurl.SOCKET_BAD
+        if not t.proxied:
+            refusal = policy.refusal(t.host, str(address.addr[0]))
+            if refusal is not None:
+                t.refused = t.refused or refusal
+                return pycurl.SOCKET_BAD
+        try:
+            fd = socket.socket(address.family, address.socktype, address.protocol).detach()
+        except OSError:
+            return pycurl.SOCKET_BAD
+        t.reached = True
+        return _Handed(fd)
 
     def on_header(self, line: bytes) -> int | None:
         t = self.transfer
@@ -820,12 +884,14 @@ class CurlTransport:
 
     Args:
         workers: the pool's size: at most this many transfers run at once.
+        policy: the SSRF guard's policy, checked on every new connection, or ``None``.
 
     Raises:
         ImportError: pycurl is not installed (raised when this module is imported).
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, policy: AddressPolicy | None = None) -> None:
+        self.policy = policy
         self.user_agent = f"fetchpool/{__version__} " + " ".join(pycurl.version.split()[:2])
         self.ca_bundle = _ca_bundle()
         self._workers = workers
@@ -869,6 +935,12 @@ class CurlTransport:
         # steps the loop drives, at most _limit at once (loop thread).
         self._limit = workers
         self._queue: deque[tuple[Future[Any], Callable[[], Steps[Any]]]] = deque()
+        # With per-host limits, the downloads that have a host wait in its queue instead;
+        # runs waiting for a slot on a host, and the limits' version they last saw.
+        self._hosts: HostLimits[Any] | None = None
+        self._admits: list[_Run] = []
+        self._idle_runs: set[_Run] = set()  # in a blocking call, no transfer open
+        self._admits_seen = -1
         # Futures submitted and not yet completed (a set, not a counter: a KeyboardInterrupt
         # landing between two statements of submit() must not leave it skewed for good).
         self._unfinished: set[Future[Any]] = set()
@@ -979,6 +1051,14 @@ class CurlTransport:
                 error.retryable = False
             raise error
         connect, read = request.timeout
+        proxy = self._proxy_for(request.url)
+        host = ""
+        if self.policy is not None:
+            host = urlsplit(request.url).hostname or ""
+            if proxy:
+                refusal = self.policy.proxied(host)
+                if refusal is not None:
+                    raise refused(refusal, request.shown, "requesting", guard)
         slot = self._slot()
         easy = slot.easy
         header_lines = [
@@ -1008,13 +1088,15 @@ class CurlTransport:
             # another one; plain http is HTTP/1.1 here, where waiting only costs time.
             easy.setopt(pycurl.PIPEWAIT, pipewait)
             slot.pipewait = pipewait
-        proxy = self._proxy_for(request.url)
         if proxy != slot.proxy:
             # "" switches libcurl's own reading of the environment off, too.
             easy.setopt(pycurl.PROXY, proxy)
             slot.proxy = proxy
         start = time.monotonic()
         t = _Transfer(request, guard, read, start + connect, slot)
+        if host:
+            t.host = host
+            t.proxied = bool(proxy)
         slot.transfer = t
         return slot, t
 
@@ -1064,17 +1146,21 @@ class CurlTransport:
 
     # -- event mode: the loop thread drives the downloads' steps ---------------------------
 
-    def runner(self, workers: int) -> CurlTransport:
+    def runner(self, workers: int, hosts: HostLimits[Any] | None = None) -> CurlTransport:
         """Drive downloads' steps on the loop thread, ``workers`` at once (the pool's runner).
 
         Only a step that must block (a lock another writer holds, an fsync) goes to a
-        helper thread; waiting for the network or for a retry holds no thread at all.
+        helper thread; waiting for the network, for a retry or for a host's turn holds
+        no thread at all. ``hosts``: the per-host limits, if they are on.
         """
         self._limit = workers
+        self._hosts = hosts
         return self
 
-    def submit(self, start: Callable[[], Steps[T]]) -> Future[T]:
+    def submit(self, start: Callable[[], Steps[T]], ticket: Ticket | None = None) -> Future[T]:
         """Queue the steps ``start()`` makes; the future gets what they end with.
+
+        ``ticket``: the download's, with per-host limits (it then waits for its host).
 
         Raises:
             RuntimeError: the transport is closed.
@@ -1083,7 +1169,10 @@ class CurlTransport:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("cannot submit to a closed transport")
-            self._queue.append((future, start))
+            if ticket is not None and self._hosts is not None:
+                self._hosts.push((future, start, ticket), ticket)
+            else:
+                self._queue.append((future, start))
             self._unfinished.add(future)
             self._start_thread()
             gone = self._gone
@@ -1096,8 +1185,7 @@ class CurlTransport:
         """Cancel the queued downloads (``cancel_futures``); wait for the rest (``wait``)."""
         if cancel_futures:
             with self._lock:
-                queued = list(self._queue)
-                self._queue.clear()
+                queued = self._take_queued()
             for future, _ in queued:
                 future.cancel()
                 self._finished(future)
@@ -1137,6 +1225,32 @@ class CurlTransport:
             if not self._unfinished:
                 self._all_done.notify_all()
 
+    def _take_queued(self) -> list[tuple[Future[Any], Callable[[], Steps[Any]]]]:
+        """Take every queued download out (with ``_lock`` held); none has started."""
+        queued = list(self._queue)
+        self._queue.clear()
+        if self._hosts is not None:
+            for future, start, ticket in self._hosts.drain():
+                ticket.finish()
+                queued.append((future, start))
+        return queued
+
+    def _has_room(self, extra: int = 0) -> bool:
+        """Whether another download may start (loop thread).
+
+        ``workers`` downloads at once, plus ``extra``, not counting those that wait with
+        no transfer open (for a retry, for their host, for a lock another writer holds):
+        a wait holds no place. At most :data:`~fetchpool.workers.IN_PROGRESS` times
+        ``workers`` are under way in all.
+        """
+        runs = len(self._runs)
+        waiting = len(self._sleepers) + len(self._admits) + len(self._idle_runs)
+        return runs - waiting < self._limit + extra and runs < IN_PROGRESS * self._limit
+
+    def _has_queued(self) -> bool:
+        """Whether a queued download may start now (cheap; may be wrong towards yes)."""
+        return bool(self._queue) or (self._hosts is not None and self._hosts.has_ready())
+
     def _start_runs(self, extra: int = 0) -> bool:
         """Start queued downloads while there is room; return whether one started.
 
@@ -1144,12 +1258,19 @@ class CurlTransport:
         not counted (their successors may send meanwhile).
         """
         started = False
-        while len(self._runs) < self._limit + extra:
+        hosts = self._hosts
+        while self._has_room(extra):
+            ticket: Ticket | None = None
             with self._lock:
-                if not self._queue:
+                if self._queue:
+                    future, start = self._queue.popleft()
+                elif hosts is not None and (item := hosts.pop()) is not None:
+                    future, start, ticket = item
+                else:
                     return started
-                future, start = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
+                if ticket is not None:
+                    ticket.finish()
                 self._finished(future)
                 continue
             run = _Run(start(), future)
@@ -1193,6 +1314,11 @@ class CurlTransport:
                         run.parked = effect.reply._t  # type: ignore[attr-defined]
                         return
                     value, error = got
+                elif isinstance(effect, Admit):
+                    delay = effect.ticket.admit(effect.key)
+                    if delay:
+                        self._park_admit(run, effect, delay)
+                        return
                 elif isinstance(effect, Sleep):
                     if CLOCK.record is not None:  # instant_retries(): nothing to wait for
                         perform(effect, self)
@@ -1202,10 +1328,43 @@ class CurlTransport:
                     run.parked = None
                     return
                 else:
-                    self._block(run, effect.call)
+                    self._block(run, effect.call, effect.idle)
                     return
             except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
                 error = exc
+
+    def _park_admit(self, run: _Run, effect: Admit, delay: float) -> None:
+        """Park ``run`` until its host may take its request (``delay`` seconds, or
+        ``inf``: until a slot frees)."""
+        run.parked = effect
+        if effect.cancel.is_set():
+            self._step(run, None, Cancelled())
+        elif delay == math.inf:
+            self._admits.append(run)
+        else:
+            when = time.monotonic() + delay
+            heapq.heappush(self._sleepers, (when, next(self._seq), run, effect.cancel))
+
+    def _readmit(self, run: _Run) -> None:
+        """Ask again for the turn ``run`` waits for; go on with it if it is given."""
+        effect = run.parked
+        assert isinstance(effect, Admit)
+        delay = 0.0 if effect.cancel.is_set() else effect.ticket.admit(effect.key)
+        if delay:
+            self._park_admit(run, effect, delay)
+            return
+        run.parked = None
+        self._step(run, None, Cancelled() if effect.cancel.is_set() else None)
+
+    def _resume_admits(self) -> None:
+        """Ask again for the runs waiting for a slot, once the limits have changed."""
+        hosts = self._hosts
+        if hosts is None or not self._admits or hosts.version == self._admits_seen:
+            return
+        self._admits_seen = hosts.version
+        waiting, self._admits = self._admits, []
+        for run in waiting:
+            self._readmit(run)
 
     def _send(self, run: _Run, effect: Send) -> None:
         """Hand ``run``'s request to libcurl (there is room for it).
@@ -1486,12 +1645,16 @@ class CurlTransport:
         finally:
             self._finished(future)
 
-    def _block(self, run: _Run, call: Callable[[], Any]) -> None:
+    def _block(self, run: _Run, call: Callable[[], Any], idle: bool = False) -> None:
         if self._helpers is None:
-            # A thread for every run there may be (_limit, and as many successors started
-            # while their predecessors write): a run whose call waits for a lock another
-            # run holds must never leave that run without a thread for its own call.
-            self._helpers = ThreadPoolExecutor(2 * self._limit, thread_name_prefix="fetchpool-wait")
+            # A thread for every run there may be (see _has_room): a run whose call waits
+            # for a lock another run holds must never leave that run without a thread for
+            # its own call. Threads are made as calls need them.
+            self._helpers = ThreadPoolExecutor(
+                IN_PROGRESS * self._limit, thread_name_prefix="fetchpool-wait"
+            )
+        if idle:
+            self._idle_runs.add(run)
         future = self._helpers.submit(call)
         run.parked = future
         future.add_done_callback(partial(self._unblocked, run))
@@ -1513,6 +1676,7 @@ class CurlTransport:
                     return
                 run, future = self._blocked.popleft()
             run.parked = None
+            self._idle_runs.discard(run)
             self._step(run, *_outcome(future))
 
     def _wake_sleepers(self, now: float) -> None:
@@ -1523,9 +1687,15 @@ class CurlTransport:
             self._sleepers = [e for e in self._sleepers if not e[3].is_set()]
             heapq.heapify(self._sleepers)
             for _, _, run, _ in woken:
-                self._step(run, None, None)
+                self._wake_sleeper(run)
         while self._sleepers and self._sleepers[0][0] <= now:
             run = heapq.heappop(self._sleepers)[2]
+            self._wake_sleeper(run)
+
+    def _wake_sleeper(self, run: _Run) -> None:
+        if isinstance(run.parked, Admit):
+            self._readmit(run)
+        else:
             self._step(run, None, None)
 
     def _abandon(self) -> None:
@@ -1538,13 +1708,13 @@ class CurlTransport:
             self._gone = True
             blocked = list(self._blocked)
             self._blocked.clear()
-            queued = list(self._queue)
-            self._queue.clear()
+            queued = self._take_queued()
         for run, future in blocked:
             self._fall_back(run, *_outcome(future))
         runs, self._runs = self._runs, set()
         self._sleepers.clear()
         self._sends.clear()
+        self._admits.clear()
         for run in runs:
             parked = run.parked
             if isinstance(parked, _Transfer):
@@ -1564,7 +1734,8 @@ class CurlTransport:
                     "connection", parked.request.shown, "requesting", "the loop stopped", None
                 )
                 self._fall_back(run, None, error)
-            elif parked is None:
+            elif parked is None or isinstance(parked, Admit):
+                # Resumed as admitted: its request then fails at once (the loop is gone).
                 self._fall_back(run, None, None)
             # A run in a blocking call falls back when the call returns (_unblocked).
         for future, start in queued:
@@ -1710,7 +1881,7 @@ class CurlTransport:
         # Resuming a download may owe more wake-ups (another transfer's end, say).
         while self._owed:
             owed, self._owed = self._owed, []
-            if self._queue or self._sends:
+            if self._sends or self._has_queued():
                 self._send_successors(owed)
             for t in owed:
                 t.owed = False
@@ -1769,6 +1940,7 @@ class CurlTransport:
         while True:
             self._do_commands()
             self._resume_blocked()
+            self._resume_admits()
             self._resume_sends()
             self._start_runs()
             self._pay_wakes()
@@ -1796,10 +1968,15 @@ class CurlTransport:
                 wait = min(wait, self._timer - now)
             if self._sleepers:
                 wait = min(wait, self._sleepers[0][0] - now)
+            hosts = self._hosts
+            if hosts is not None:
+                wait = min(wait, hosts.next_check() - now)
+                if self._admits and hosts.version != self._admits_seen:
+                    wait = 0.0
             if (
                 self._commands
                 or self._blocked
-                or (self._queue and len(self._runs) < self._limit)
+                or (self._has_room() and self._has_queued())
                 or (self._sends and len(self._running) < self._limit)
             ):
                 wait = 0.0  # posted from this thread (no wake-up written), or runnable now
@@ -1927,6 +2104,8 @@ class CurlTransport:
             # not the server's answer, and a fresh connection heals it, as it does where
             # urllib3 drops such a connection before reuse.
             failure = "connection"
+        elif code and t is not None and t.refused is not None and not t.reached:
+            failure = "blocked"  # every address was refused: nothing was sent
         try:
             self._multi.remove_handle(easy)
         except pycurl.error:

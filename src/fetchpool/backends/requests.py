@@ -9,6 +9,7 @@ settings read from the environment, and the mapping of their exceptions.
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -18,14 +19,17 @@ from urllib.parse import urlsplit
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
+from requests.utils import select_proxy
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
+from urllib3.util.connection import allowed_gai_family
 
 from .. import __version__
 from ..deadline import Guard, current_guard, guarding
 from ..errors import FetchError
-from . import Failure, Request, SpliceSink, attempt_error, describe
+from ..ssrf import AddressPolicy, Refusal
+from . import Failure, Request, SpliceSink, attempt_error, describe, refused
 from ._splice import splice_body
 
 __all__ = [
@@ -48,10 +52,55 @@ NETWORK_ERRORS = (
     ValueError,
 )
 
-# -- the deadline's hook: sockets handed to the attempt's guard ----------------------
+# -- the guards' hooks: sockets handed to the attempt's guard, addresses screened ------
+
+#: The SSRF policy of the send under way on this thread (``policy``), if any.
+_screening = threading.local()
+
+
+def _screened_conn(conn: HTTPConnection, new_conn: Callable[[], socket.socket]) -> socket.socket:
+    """Open ``conn``'s socket through ``new_conn``, to an address the SSRF policy allows.
+
+    The name is resolved once here, each address checked, and urllib3 is handed the
+    address itself to connect to: what was checked is what is connected to, with no
+    second lookup for a rebinding DNS server to answer differently. ``conn.host`` (the
+    ``Host`` header, TLS SNI and certificate check) stays the name. Refused addresses
+    are skipped; :class:`~fetchpool.ssrf.Refusal` when none is left.
+    """
+    policy: AddressPolicy | None = getattr(_screening, "policy", None)
+    if policy is None:
+        return new_conn()
+    name = conn._dns_host
+    try:
+        infos = socket.getaddrinfo(name, conn.port, allowed_gai_family(), socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise urllib3.exceptions.NameResolutionError(conn.host, conn, exc) from exc
+    refusal: Refusal | None = None
+    failed: urllib3.exceptions.ConnectTimeoutError | None = None
+    for *_, sockaddr in infos:
+        address = str(sockaddr[0])
+        blocked = policy.refusal(conn.host, address)
+        if blocked is not None:
+            refusal = refusal or blocked
+            continue
+        conn._dns_host = address
+        try:
+            return new_conn()
+        except urllib3.exceptions.ConnectTimeoutError as exc:  # NewConnectionError too
+            failed = exc
+        finally:
+            conn._dns_host = name
+    if failed is not None:
+        raise failed
+    if refusal is None:  # pragma: no cover - getaddrinfo gives an address or raises
+        raise urllib3.exceptions.NameResolutionError(conn.host, conn, socket.gaierror())
+    raise refusal
 
 
 class _GuardedHTTPConnection(HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        return _screened_conn(self, super()._new_conn)
+
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         g = current_guard()
         if g is not None and self.sock is not None:
@@ -60,6 +109,9 @@ class _GuardedHTTPConnection(HTTPConnection):
 
 
 class _GuardedHTTPSConnection(HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        return _screened_conn(self, super()._new_conn)
+
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         g = current_guard()
         if g is not None and self.sock is not None:
@@ -134,6 +186,18 @@ def _guard_adapter(adapter: HTTPAdapter) -> None:
         return manager
 
     adapter.proxy_manager_for = proxy_manager_for  # type: ignore[method-assign]
+
+
+def _screens(session: requests.Session) -> bool:
+    """Whether every adapter of ``session`` makes fetchpool's guarded connections."""
+    return all(
+        isinstance(adapter, HTTPAdapter)
+        and all(
+            adapter.poolmanager.pool_classes_by_scheme.get(scheme) is cls
+            for scheme, cls in _GUARDED_POOL_CLASSES.items()
+        )
+        for adapter in session.adapters.values()
+    )
 
 
 # -- sessions -------------------------------------------------------------------------
@@ -310,13 +374,18 @@ class RequestsTransport:
         workers: the pool's size (each session's connection pool is sized to it).
         session_factory: makes a configured session for each worker thread, or ``None``
             for fetchpool's default one.
+        policy: the SSRF guard's policy, checked on every new connection, or ``None``.
     """
 
     def __init__(
-        self, workers: int, session_factory: Callable[[], requests.Session] | None = None
+        self,
+        workers: int,
+        session_factory: Callable[[], requests.Session] | None = None,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self._workers = workers
         self._factory = session_factory
+        self._policy = policy
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -329,6 +398,11 @@ class RequestsTransport:
                 if not isinstance(session, requests.Session):
                     raise TypeError("session_factory must return a requests.Session")
                 prepare_session(session)
+                if self._policy is not None and not _screens(session):
+                    raise TypeError(
+                        "block_private needs the session's adapters to be requests' "
+                        "HTTPAdapter with urllib3's default connection pools"
+                    )
             else:
                 session = default_session(self._workers)
             self._local.session = session
@@ -346,14 +420,26 @@ class RequestsTransport:
         for name in request.drop:
             prepared.headers.pop(name, None)
         settings = _environment(session, request.url, env_cache)
+        policy = self._policy
+        if policy is not None and select_proxy(prepared.url or request.url, settings["proxies"]):
+            # The proxy resolves and connects: its own address is not the one to check.
+            refusal = policy.proxied(urlsplit(request.url).hostname or "")
+            if refusal is not None:
+                raise refused(refusal, request.shown, "requesting", guard)
+            policy = None
+        # The guarded connections find the guard and the policy here, deep inside urllib3.
+        _screening.policy = policy
         try:
-            # The guarded connections find the guard here, deep inside urllib3.
             with guarding(guard):
                 resp = session.send(
                     prepared, allow_redirects=False, timeout=request.timeout, **settings
                 )
+        except Refusal as exc:
+            raise refused(exc, request.shown, "requesting", guard) from exc
         except NETWORK_ERRORS as exc:
             raise network_error(exc, request.shown, guard, "requesting", request.secrets) from exc
+        finally:
+            _screening.policy = None
         return RequestsReply(resp, request, guard)
 
     def close(self) -> None:
