@@ -13,6 +13,7 @@ from fetchpool import (
     InvalidURL,
     NotAnImageError,
     RedirectError,
+    ShardError,
     StorageError,
     TooLargeError,
     TransferError,
@@ -28,6 +29,7 @@ ALL = [
     UnsafeFilenameError,
     RedirectError,
     StorageError,
+    ShardError,
 ]
 
 

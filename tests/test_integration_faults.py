@@ -11,6 +11,7 @@ path, while the server is shared by the module: every test uses fresh names.
 
 from __future__ import annotations
 
+import copyreg
 import email.utils
 import errno
 import itertools
@@ -978,7 +979,10 @@ def test_results_and_errors_pickle(server: ImageServer, dest: Path, waits: list[
     # The cause does not survive pickling, so its text is in the message.
     cause = results[1].error.__cause__ if results[1].error is not None else None
     assert cause is not None
-    assert copy[1].error.__cause__ is None
+    if type(results[1].error) not in copyreg.dispatch_table:
+        # Unless a library made every exception pickle its cause (distributed installs
+        # tblib's pickling process-wide: tests/test_dask.py imports it).
+        assert copy[1].error.__cause__ is None
     assert str(cause)[:60] in str(copy[1].error)
     assert copy.summary().failed == 5
 

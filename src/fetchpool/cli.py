@@ -23,17 +23,18 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from types import FrameType
-from typing import Final, Literal, TextIO
+from typing import Any, Final, Literal, TextIO
 
 from . import __version__
 from .backends import on_done
 from .checksums import check_hex, check_size
+from .dask import DEFAULT_SHARD_SIZE, ShardPool
 from .downloader import Downloader
 from .errors import FetchError, InvalidURL, TransferError
 from .items import Item
@@ -416,6 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the transfer backend: curl (libcurl, HTTP/2; needs fetchpool[curl]) or "
         "requests; auto (default) takes curl when pycurl is installed",
     )
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="run the downloads on a Dask cluster, in shards: the scheduler's ADDRESS, or "
+        "local:N for a local cluster of N worker processes (needs fetchpool[dask]; DIR "
+        "must be a directory every worker sees); -w is then the threads per shard",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=partial(_whole, minimum=1),
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help=f"with --dask: URLs per shard, one Dask task each (default: {DEFAULT_SHARD_SIZE})",
+    )
     parser.add_argument("--version", action="version", version=_version())
     return parser
 
@@ -746,7 +761,7 @@ class _Feeder(threading.Thread):
 
     def __init__(
         self,
-        downloader: Downloader,
+        downloader: Downloader | ShardPool,
         rows: Iterator[Row],
         inputs: Sequence[_Input],
         window: int,
@@ -1012,7 +1027,7 @@ def _make_bar(args: argparse.Namespace) -> TqdmBar | None:
 
 def _open(
     args: argparse.Namespace, progress: _Relay
-) -> tuple[list[_Input], TextIO | None, Downloader]:
+) -> tuple[list[_Input], TextIO | None, Downloader | ShardPool]:
     """Open the inputs, the report and the Downloader, or none of them.
 
     Raises:
@@ -1038,7 +1053,7 @@ def _open(
                 ) from exc
         backend = resolve_backend(args.backend)
         try:
-            downloader = Downloader(
+            downloader = (Downloader if args.dask is None else _cluster_pool(args))(
                 args.dest,
                 args.workers,
                 retry=args.retries + 1,
@@ -1073,6 +1088,77 @@ def _open(
     return inputs, report, downloader
 
 
+class _ClusterPool(ShardPool):
+    """The shards of ``--dask``: closing it closes its client (and local cluster) too."""
+
+    owned: tuple[Any, ...] = ()
+
+    def close(self, cancel: bool = False) -> None:
+        """Close the pool, then the client and the cluster it was opened with."""
+        try:
+            super().close(cancel)
+        finally:
+            for thing in self.owned:
+                with contextlib.suppress(Exception):
+                    thing.close()
+
+
+def _cluster_pool(args: argparse.Namespace) -> Callable[..., _ClusterPool]:
+    """Connect to ``--dask`` (or start ``local:N``); return the pool's constructor.
+
+    Raises:
+        UsageError: no distributed, a malformed ``local:N``, or no scheduler there.
+    """
+    try:
+        import distributed as dask_distributed  # noqa: PLC0415 - optional, slow to import
+    except ImportError:
+        raise UsageError("--dask needs distributed: pip install 'fetchpool[dask]'") from None
+    # Any: distributed's own annotations leave Client and LocalCluster untyped.
+    distributed: Any = dask_distributed
+    address: str = args.dask
+    owned: list[Any] = []
+    try:
+        if address.startswith("local:"):
+            count = _whole(address.removeprefix("local:"), minimum=1)
+            # No worker profiler: see "Running on a cluster" in the README (Python 3.11).
+            import dask  # noqa: PLC0415 - present with distributed
+
+            with dask.config.set({"distributed.worker.profile.enabled": False}):
+                owned.append(
+                    distributed.LocalCluster(
+                        n_workers=count,
+                        threads_per_worker=1,
+                        processes=True,
+                        dashboard_address=":0",  # any free port: 8787 may be taken
+                        silence_logs=logging.ERROR,
+                    )
+                )
+            client = distributed.Client(owned[0], set_as_default=False)
+        else:
+            client = distributed.Client(address, timeout=10, set_as_default=False)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--dask local:N: {exc}") from None
+    except (OSError, ValueError) as exc:
+        for thing in owned:
+            thing.close()
+        raise UsageError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    owned.insert(0, client)
+
+    def make(dest: str, workers: int, **options: Any) -> _ClusterPool:
+        try:
+            pool = _ClusterPool(
+                dest, client=client, shard_size=args.shard_size, workers=workers, **options
+            )
+        except BaseException:
+            for thing in owned:
+                thing.close()
+            raise
+        pool.owned = tuple(owned)
+        return pool
+
+    return make
+
+
 def _run(args: argparse.Namespace, stop: _StopRequest) -> int:
     """Download everything; return the exit status.
 
@@ -1082,7 +1168,10 @@ def _run(args: argparse.Namespace, stop: _StopRequest) -> int:
     start = time.monotonic()
     relay = _Relay()
     inputs, report, downloader = _open(args, relay)
-    feeder = _Feeder(downloader, _rows(args.urls, inputs), inputs, 2 * args.workers, relay)
+    window = 2 * args.workers
+    if isinstance(downloader, ShardPool):  # the shards that may run, and the one filling
+        window = (downloader.window + 1) * downloader.shard_size
+    feeder = _Feeder(downloader, _rows(args.urls, inputs), inputs, window, relay)
     relay.bar = _make_bar(args)
     collector = _Collector(feeder, report, relay.bar)
     finished = False

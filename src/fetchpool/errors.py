@@ -18,6 +18,7 @@ __all__ = [
     "InvalidURL",
     "NotAnImageError",
     "RedirectError",
+    "ShardError",
     "StorageError",
     "TooLargeError",
     "TransferError",
@@ -185,3 +186,12 @@ class StorageError(FetchError, OSError):
 
     def _extra(self) -> tuple[Any, ...]:
         return (self.errno,)
+
+
+class ShardError(FetchError):
+    """The cluster shard holding this URL failed as a whole (``fetchpool.dask``).
+
+    Its Dask worker died more often than the scheduler allows (``KilledWorker``), the
+    shard's task raised, or its result could not come back; the message names the cause.
+    The URL's file may or may not have been written: run the URL again to know.
+    """

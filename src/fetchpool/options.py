@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from types import MappingProxyType
 from typing import Any, Literal, TypedDict
 
 import requests
@@ -20,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "OPTION_NAMES",
     "DownloadOptions",
+    "FrozenHeaders",
     "Options",
     "make_options",
 ]
@@ -63,6 +63,41 @@ class DownloadOptions(TypedDict, total=False):
 _DEFAULT_RETRY = RetryPolicy()
 
 
+class FrozenHeaders(Mapping[str, str]):
+    """The request headers of validated options: read-only, and they pickle.
+
+    A ``MappingProxyType`` would be read-only too, but does not pickle, and options
+    cross process boundaries (``fetchpool.dask`` ships them to its workers).
+
+    Args:
+        pairs: the headers, as a mapping or ``(name, value)`` pairs.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self, pairs: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._map: dict[str, str] = dict(pairs)
+
+    def __getitem__(self, key: str) -> str:
+        return self._map[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._map.items()))
+
+    def __repr__(self) -> str:
+        # Names only: header values may be secrets (DESIGN rule 9), and reprs reach logs.
+        return f"FrozenHeaders({sorted(self._map)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenHeaders, (tuple(self._map.items()),))
+
+
 @dataclass(frozen=True)
 class Options:
     """Validated options (internal); the defaults here are the documented ones."""
@@ -76,7 +111,7 @@ class Options:
     allow_downgrade: bool = False
     fsync: bool = False
     verify: Verify | None = "image"
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    headers: Mapping[str, str] = field(default_factory=FrozenHeaders)
     session_factory: SessionFactory | None = None
     progress: bool | ProgressCallback | None = None
     backend: Backend = "requests"
@@ -191,7 +226,7 @@ def make_options(given: Mapping[str, Any]) -> Options:
         allow_downgrade=_flag("allow_downgrade", raw["allow_downgrade"]),
         fsync=_flag("fsync", raw["fsync"]),
         verify=verify,
-        headers=MappingProxyType(clean_headers),
+        headers=FrozenHeaders(clean_headers),
         session_factory=session_factory,
         progress=progress,
         backend=backend,
