@@ -48,7 +48,16 @@ from ..errors import FetchError, StorageError, TransferError
 from ..retry import CLOCK
 from ..steps import Read, Send, Sleep, Splice, Steps, perform
 from ..steps import run as run_steps
-from . import BodyEnded, Failure, Request, SpliceSink, attempt_error, check_guard, describe
+from . import (
+    BodyEnded,
+    Failure,
+    Request,
+    SpliceSink,
+    attempt_error,
+    ca_bundle_from_env,
+    check_guard,
+    describe,
+)
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
 
@@ -384,10 +393,10 @@ def _basic_auth(user: str, password: str) -> str:
 
 
 def _ca_bundle() -> str:
-    # The bundle requests would use: its environment variables, else certifi's.
-    return (
-        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
-    )
+    # The bundle the requests backend uses: the environment's, else certifi's. libcurl
+    # reads no variable itself (CURL_CA_BUNDLE and SSL_CERT_FILE are the curl tool's and
+    # OpenSSL's defaults, and CAINFO overrides them).
+    return ca_bundle_from_env() or certifi.where()
 
 
 class _Transfer:
