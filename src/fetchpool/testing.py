@@ -307,7 +307,7 @@ class _Encoder:
     """A streaming compressor for one ``Content-Encoding``: ``compress`` then ``finish``."""
 
     def __init__(self, encoding: str, level: int) -> None:
-        self.compress: Callable[[bytes | memoryview], bytes]
+        self.compress: Callable[[bytes], bytes]
         self.finish: Callable[[], bytes]
         if encoding == "gzip":
             obj = zlib.compressobj(level, zlib.DEFLATED, 31)
@@ -343,11 +343,11 @@ _BOMB_LOCK = threading.Lock()
 def _bomb_cached(encoding: str, size: int) -> bytes:
     encoder = _Encoder(encoding, 9 if encoding == "gzip" else 5)
     parts = [encoder.compress(_PNG_SIGNATURE)]
-    block = memoryview(bytes(1024 * 1024))
+    block = bytes(1024 * 1024)  # bytes, not a memoryview: brotlicffi takes no other
     remaining = size
     while remaining > 0:
         piece = min(remaining, len(block))
-        parts.append(encoder.compress(block[:piece]))
+        parts.append(encoder.compress(block if piece == len(block) else block[:piece]))
         remaining -= piece
     parts.append(encoder.finish())
     return b"".join(parts)
