@@ -948,7 +948,22 @@ def test_close_closes_every_connection_while_failed_results_are_kept(
     assert _open_sockets() <= before
 
 
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises ``KeyboardInterrupt`` in the main thread during the test.
+
+    A run started in the background (``cmd &`` where job control is off, as in scripts)
+    inherits SIGINT ignored, and Python then installs no handler of its own.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.timeout(60)
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_while_close_waits_cancels_what_is_pending(server: ImageServer, dest: Path) -> None:
     # The with block ended well and close() waits for the downloads; Ctrl-C there must
     # cancel what is pending (DESIGN), not leave it running behind the interrupt.

@@ -45,7 +45,8 @@ def need(encoding: str) -> str:
         fetchpool.transfer.brotli_module() if encoding == "br" else fetchpool.transfer.zstd_module()
     )
     if module is None:
-        pytest.skip(f"no {encoding} decoder installed (pip install 'fetchpool[{encoding}]')")
+        extra = "brotli" if encoding == "br" else encoding
+        pytest.skip(f"no {encoding} decoder installed (pip install 'fetchpool[{extra}]')")
     return encoding
 
 
