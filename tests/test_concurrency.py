@@ -877,27 +877,39 @@ class _PeakHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:
         pass
 
-    def do_GET(self) -> None:
+    counted = False
+
+    def _count(self, step: int) -> None:
         srv = self.server
         with srv.count_lock:
-            srv.active += 1
+            srv.active += step
             srv.peak = max(srv.peak, srv.active)
+        self.counted = step > 0
+
+    def do_GET(self) -> None:
+        srv = self.server
+        self._count(+1)
         try:
             time.sleep(srv.delay)
+            # The request stops counting just before its last bytes go out: once the
+            # client has them it may send the next request at once, before this thread
+            # runs again (the same process, one GIL), which would count one too many.
             if self.path.startswith("/r/"):
                 self.send_response(302)
                 self.send_header("Location", "/img/" + self.path[3:])
                 self.send_header("Content-Length", "0")
+                self._count(-1)
                 self.end_headers()
                 return
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.send_header("Content-Length", str(len(srv.body)))
             self.end_headers()
+            self._count(-1)
             self.wfile.write(srv.body)
         finally:
-            with srv.count_lock:
-                srv.active -= 1
+            if self.counted:
+                self._count(-1)
 
 
 @pytest.mark.timeout(60)
