@@ -10,6 +10,8 @@ TLS unless ``allow_downgrade``.
 from __future__ import annotations
 
 import datetime
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -99,6 +101,34 @@ def test_ca_named_in_the_environment_is_trusted(
     assert result.attempts == 1
     assert result.path is not None
     assert result.path.read_bytes() == good.expected("a")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ca_directory_named_by_ssl_cert_dir_is_trusted(
+    good: H2ImageServer,
+    dest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: Backend,
+) -> None:
+    # OpenSSL finds a CA in a directory by the hash of its subject: <hash>.0.
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl command to name the CA file by its subject hash")
+    subject_hash = subprocess.run(
+        [openssl, "x509", "-subject_hash", "-noout", "-in", good.ca_file],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    shutil.copy(good.ca_file, certs / f"{subject_hash}.0")
+    monkeypatch.setenv("SSL_CERT_DIR", str(certs))
+    (result,) = download_all([good.image_url("d")], dest, backend=need(backend))
+    assert result.ok, result.error
+    assert result.path is not None
+    assert result.path.read_bytes() == good.expected("d")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
