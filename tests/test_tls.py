@@ -45,6 +45,15 @@ def need(backend: Backend) -> Backend:
     return backend
 
 
+def check_trusted(server: H2ImageServer, dest: Path, backend: Backend) -> None:
+    """An image from ``server`` downloads on ``backend``, at the first attempt."""
+    (result,) = download_all([server.image_url("a")], dest, backend=need(backend))
+    assert result.ok, result.error
+    assert result.attempts == 1
+    assert result.path is not None
+    assert result.path.read_bytes() == server.expected("a")
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No CA bundle named and no proxy: each test sets what it means."""
@@ -96,11 +105,7 @@ def test_ca_named_in_the_environment_is_trusted(
     variable: str,
 ) -> None:
     monkeypatch.setenv(variable, good.ca_file)
-    (result,) = download_all([good.image_url("a")], dest, backend=need(backend))
-    assert result.ok, result.error
-    assert result.attempts == 1
-    assert result.path is not None
-    assert result.path.read_bytes() == good.expected("a")
+    check_trusted(good, dest, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -125,10 +130,7 @@ def test_ca_directory_named_by_ssl_cert_dir_is_trusted(
     certs.mkdir()
     shutil.copy(good.ca_file, certs / f"{subject_hash}.0")
     monkeypatch.setenv("SSL_CERT_DIR", str(certs))
-    (result,) = download_all([good.image_url("d")], dest, backend=need(backend))
-    assert result.ok, result.error
-    assert result.path is not None
-    assert result.path.read_bytes() == good.expected("d")
+    check_trusted(good, dest, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
