@@ -6,6 +6,7 @@
 
     /img/<name>.png             200, a deterministic PNG (see expected()), image/png
     /redirect-http/<name>       302 to http://127.0.0.1:PORT/img/<name>.png (a downgrade)
+    /redirect-to?location=URL   302 to URL, verbatim
     /big/<size>.png             200, ``big_body(size)``, sent in 256 KiB DATA blocks
 
 Anything else answers 404. The server counts what the tests want to check:
@@ -24,15 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import shutil
 import socket
 import tempfile
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Final, cast
+from urllib.parse import parse_qs
 
 import trustme
 
@@ -80,6 +83,12 @@ class H2ImageServer:
     Use it as a context manager; everything is torn down on exit (in milliseconds),
     the temporary certificate files included.
 
+    Args:
+        hosts: the names and addresses the server's certificate is issued for (one
+            without ``127.0.0.1`` makes a certificate for another host).
+        not_before, not_after: the certificate's validity (trustme's defaults if
+            ``None``; both in the past make an expired certificate).
+
     Attributes:
         ca_file: path of the PEM file of the CA that signed the server's certificate
             (for ``127.0.0.1`` and ``localhost``).
@@ -88,7 +97,13 @@ class H2ImageServer:
             the ``with`` block raises if there are any.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        hosts: Sequence[str] = (_HOST, "localhost"),
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._all: list[socket.socket] = []  # every connection, to cut at the end
         self._accepted: list[socket.socket] = []  # those since reset(), to count
@@ -97,7 +112,7 @@ class H2ImageServer:
         self._paths: list[str] = []
         self.errors: list[BaseException] = []
         self._ca = trustme.CA()
-        self._cert = self._ca.issue_cert(_HOST, "localhost")
+        self._cert = self._ca.issue_cert(*hosts, not_before=not_before, not_after=not_after)
         self._tmp: Path | None = None
         self.ca_file = ""
         self.port = 0
@@ -254,6 +269,10 @@ class H2ImageServer:
         elif path.startswith("/redirect-http/") and len(path) > len("/redirect-http/"):
             name = path[len("/redirect-http/") :]
             location = f"http://{_HOST}:{self.port}/img/{name}.png".encode()
+            await _respond(send, 302, b"", [(b"location", location)], head_only)
+        elif path == "/redirect-to":
+            query = parse_qs(scope["query_string"].decode("latin-1"))
+            location = query.get("location", [""])[0].encode("latin-1")
             await _respond(send, 302, b"", [(b"location", location)], head_only)
         else:
             await _respond(send, 404, b"not found\n", [], head_only)

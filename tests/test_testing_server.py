@@ -11,12 +11,14 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
 import requests
 
 from fetchpool.testing import ImageServer, make_image
+from fetchpool.transfer import brotli_module, zstd_module
 
 KINDS = ("png", "jpeg", "gif", "webp", "bmp")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -670,6 +672,50 @@ def test_gzip_bomb(server: ImageServer, session: requests.Session) -> None:
     default = session.head(server.url("/gzip-bomb/b.png"), timeout=30)
     # 256 MiB of zeros deflate about 1000:1.
     assert 100_000 < int(default.headers["Content-Length"]) < 1_000_000
+
+
+def _codec(encoding: str) -> Any:
+    """The module that encodes and decodes ``encoding``; the test is skipped without it."""
+    module = brotli_module() if encoding == "br" else zstd_module()
+    if module is None:
+        pytest.skip(f"no {encoding} module installed")
+    return module
+
+
+def _decode(encoding: str, data: bytes) -> tuple[bytes, bool]:
+    """``data`` decoded as far as it goes, and whether its stream ended."""
+    module = _codec(encoding)
+    if encoding == "br":
+        brotli = module.Decompressor()
+        return bytes(brotli.process(data)), bool(brotli.is_finished())
+    zstd = module.ZstdDecompressor()
+    return bytes(zstd.decompress(data)), bool(zstd.eof)
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd"])
+def test_br_and_zstd(server: ImageServer, session: requests.Session, encoding: str) -> None:
+    _codec(encoding)  # the server answers 501 without it
+    path = f"/{encoding}/e.png"
+    headers = {"Accept-Encoding": "identity"}  # encoded all the same
+    with session.get(server.url(path), stream=True, headers=headers, timeout=TIMEOUT) as whole:
+        assert whole.headers["Content-Encoding"] == encoding
+        assert whole.headers["Content-Type"] == "image/png"
+        encoded = whole.raw.read(decode_content=False)
+    assert len(encoded) == int(whole.headers["Content-Length"])
+    assert _decode(encoding, encoded) == (server.expected(path), True)
+    cut_path = f"{path}?cut=7"
+    with session.get(server.url(cut_path), stream=True, timeout=TIMEOUT) as cut:
+        shortened = cut.raw.read(decode_content=False)
+    assert len(shortened) == int(cut.headers["Content-Length"])
+    decoded, ended = _decode(encoding, shortened)
+    assert server.expected(cut_path).startswith(decoded)
+    assert not ended
+    bomb_url = server.url(f"/{encoding}-bomb/b.png?size=1048576")
+    with session.get(bomb_url, stream=True, timeout=TIMEOUT) as bomb:
+        assert bomb.headers["Content-Encoding"] == encoding
+        packed = bomb.raw.read(decode_content=False)
+    assert len(packed) < 100_000
+    assert _decode(encoding, packed) == (PNG_SIGNATURE + bytes(1048576), True)
 
 
 def test_content_disposition(server: ImageServer, session: requests.Session) -> None:

@@ -60,7 +60,13 @@ and gives the URL its basename (an extension such as ``.png`` picks the format):
     /huge-length/<name>             claims 10 GiB, streams zeros until the client leaves
     /endless/<name>                 an endless chunked body
     /gzip-bomb/<name>?size=N        gzip of a PNG signature and N zero bytes
-    /gzip/<name>                    an image with Content-Encoding: gzip
+                                    (also /br-bomb/, /zstd-bomb/)
+    /gzip/<name>?cut=N              an image with Content-Encoding: gzip, whatever the
+                                    request's Accept-Encoding (also /br/, /zstd/: 501
+                                    unless brotli / backports.zstd is installed);
+                                    ?cut=N drops the last N bytes of the encoded body
+                                    (its Content-Length then says so: a clean end of
+                                    framing, a cut compressed stream)
     /cd/<name>?filename=            Content-Disposition: attachment (also ?filename_star=)
     /bad-length/<name>              Content-Length: abc, then close
     /conflicting-length/<name>      two different Content-Length headers, then close
@@ -99,6 +105,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .retry import instant_retries
+from .transfer import brotli_module, zstd_module
 
 __all__ = ["ImageServer", "instant_retries", "make_image"]
 
@@ -165,6 +172,8 @@ _IMAGE_ROUTES: Final = frozenset(
         "slow",
         "wrong-type",
         "gzip",
+        "br",
+        "zstd",
         "cd",
         "drip",
         "drip-headers",
@@ -321,32 +330,60 @@ def _derived_image(key: str, path: str, size: int | None = None) -> tuple[str, b
     return kind, _make_image_cached(kind, size, seed)
 
 
-def _gzip(data: bytes) -> bytes:
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)
-    return compressor.compress(data) + compressor.flush()
+class _Encoder:
+    """A streaming compressor for one ``Content-Encoding``: ``compress`` then ``finish``."""
+
+    def __init__(self, encoding: str, level: int) -> None:
+        self.compress: Callable[[bytes], bytes]
+        self.finish: Callable[[], bytes]
+        if encoding == "gzip":
+            obj = zlib.compressobj(level, zlib.DEFLATED, 31)
+            self.compress, self.finish = obj.compress, obj.flush
+        elif encoding == "br":
+            # The modules fetchpool decodes with, imported when first needed: the server
+            # needs only the stdlib unless asked for these.
+            brotli = brotli_module()
+            if brotli is None:
+                raise ImportError("brotli >= 1.2 is not installed")
+            comp = brotli.Compressor(quality=min(level, 11))
+            self.compress = getattr(comp, "process", None) or comp.compress
+            self.finish = comp.finish
+        elif encoding == "zstd":
+            zstd = zstd_module()
+            if zstd is None:
+                raise ImportError("backports.zstd is not installed")
+            zobj = zstd.ZstdCompressor(level=level)
+            self.compress, self.finish = zobj.compress, zobj.flush
+        else:  # pragma: no cover - the routes name only the encodings above
+            raise ValueError(encoding)
+
+
+def _encode(encoding: str, data: bytes) -> bytes:
+    encoder = _Encoder(encoding, 6)
+    return encoder.compress(data) + encoder.finish()
 
 
 _BOMB_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)
-def _gzip_bomb_cached(size: int) -> bytes:
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
-    parts = [compressor.compress(_PNG_SIGNATURE)]
-    block = memoryview(bytes(1024 * 1024))
+def _bomb_cached(encoding: str, size: int) -> bytes:
+    encoder = _Encoder(encoding, 9 if encoding == "gzip" else 5)
+    parts = [encoder.compress(_PNG_SIGNATURE)]
+    block = bytes(1024 * 1024)  # bytes, not a memoryview: brotlicffi takes no other
     remaining = size
     while remaining > 0:
         piece = min(remaining, len(block))
-        parts.append(compressor.compress(block[:piece]))
+        parts.append(encoder.compress(block if piece == len(block) else block[:piece]))
         remaining -= piece
-    parts.append(compressor.flush())
+    parts.append(encoder.finish())
     return b"".join(parts)
 
 
-def _gzip_bomb(size: int) -> bytes:
+def _bomb(encoding: str, size: int) -> bytes:
     # Serialised so concurrent first requests don't each burn a second of CPU.
     with _BOMB_LOCK:
-        return _gzip_bomb_cached(size)
+        return _bomb_cached(encoding, size)
 
 
 # --------------------------------------------------------------------------- URLs
@@ -712,11 +749,21 @@ class _Handler(BaseHTTPRequestHandler):
         if image is not None:
             self._send(200, image[1], "text/plain")
 
-    def _r_gzip(self, t: _Target) -> None:
+    def _r_encoded(self, t: _Target) -> None:
         image = self._image(t)
-        if image is not None:
-            body = _gzip(image[1])
-            self._send(200, body, _CONTENT_TYPES[image[0]], [("Content-Encoding", "gzip")])
+        if image is None:
+            return
+        cut = _small_int(_query(t).get("cut", "0"))
+        if cut is None:
+            self._send_text(400, "bad ?cut=\n")
+            return
+        try:
+            body = _encode(t.route, image[1])
+        except ImportError as exc:
+            self._send_text(501, f"cannot encode {t.route}: {exc}\n")
+            return
+        body = body[: max(0, len(body) - cut)]
+        self._send(200, body, _CONTENT_TYPES[image[0]], [("Content-Encoding", t.route)])
 
     def _r_cd(self, t: _Target) -> None:
         image = self._image(t)
@@ -1058,7 +1105,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(piece)
             piece = zeros
 
-    def _r_gzip_bomb(self, t: _Target) -> None:
+    def _r_bomb(self, t: _Target) -> None:
         if t.rest is None:
             self._not_found()
             return
@@ -1066,7 +1113,13 @@ class _Handler(BaseHTTPRequestHandler):
         if size is None:
             self._send_text(400, "bad ?size=\n")
             return
-        self._send(200, _gzip_bomb(size), "image/png", [("Content-Encoding", "gzip")])
+        encoding = t.route.removesuffix("-bomb")
+        try:
+            body = _bomb(encoding, size)
+        except ImportError as exc:
+            self._send_text(501, f"cannot encode {encoding}: {exc}\n")
+            return
+        self._send(200, body, "image/png", [("Content-Encoding", encoding)])
 
     def _html(self, t: _Target) -> bytes:
         name = html.escape(unquote((t.rest or "").rsplit("/", 1)[-1]))
@@ -1091,7 +1144,9 @@ _ROUTES: Final[dict[str, Callable[[_Handler, _Target], None]]] = {
     "any": _Handler._r_image,
     "slow": _Handler._r_slow,
     "wrong-type": _Handler._r_wrong_type,
-    "gzip": _Handler._r_gzip,
+    "gzip": _Handler._r_encoded,
+    "br": _Handler._r_encoded,
+    "zstd": _Handler._r_encoded,
     "cd": _Handler._r_cd,
     "drip": _Handler._r_drip,
     "drip-headers": _Handler._r_drip_headers,
@@ -1117,7 +1172,9 @@ _ROUTES: Final[dict[str, Callable[[_Handler, _Target], None]]] = {
     "redirect-big-body": _Handler._r_redirect_big_body,
     "huge-length": _Handler._r_huge_length,
     "endless": _Handler._r_endless,
-    "gzip-bomb": _Handler._r_gzip_bomb,
+    "gzip-bomb": _Handler._r_bomb,
+    "br-bomb": _Handler._r_bomb,
+    "zstd-bomb": _Handler._r_bomb,
     "html": _Handler._r_html,
     "html-as-image": _Handler._r_html_as_image,
     "headers": _Handler._r_headers,

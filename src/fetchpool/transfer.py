@@ -8,11 +8,14 @@ rules. Bodies come from the backend undecoded and are decoded here, so that
 
 from __future__ import annotations
 
+import functools
 import http.client
+import importlib
 import logging
 import threading
 import zlib
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -203,6 +206,10 @@ class _Decoder(Protocol):
     def finished(self) -> bool: ...
 
 
+class CorruptBody(Exception):
+    """A compressed body its decoder refused (turned into a :class:`TransferError`)."""
+
+
 class _ZlibDecoder:
     """gzip/deflate decoding with bounded output per call (bombs stay small)."""
 
@@ -210,9 +217,14 @@ class _ZlibDecoder:
         self._gzip = encoding in ("gzip", "x-gzip")
         self._obj = zlib.decompressobj(47 if self._gzip else 15)
         self._started = False
-        self._tail = b""
 
     def feed(self, data: bytes, limit: int) -> bytes:
+        try:
+            return self._feed(data, limit)
+        except zlib.error as exc:
+            raise CorruptBody(str(exc)) from exc
+
+    def _feed(self, data: bytes, limit: int) -> bytes:
         if self._obj.eof and self._gzip:
             # Concatenated gzip members are one body.
             data = self._obj.unused_data + data
@@ -231,17 +243,148 @@ class _ZlibDecoder:
         return out
 
     def more(self, limit: int) -> bytes:
-        tail = self._obj.unconsumed_tail
-        if tail:
-            return self._obj.decompress(tail, limit)
-        if self._obj.eof and self._gzip and self._obj.unused_data:
-            leftover = self._obj.unused_data
-            self._obj = zlib.decompressobj(47)
-            return self._obj.decompress(leftover, limit)
+        try:
+            tail = self._obj.unconsumed_tail
+            if tail:
+                return self._obj.decompress(tail, limit)
+            if self._obj.eof and self._gzip and self._obj.unused_data:
+                leftover = self._obj.unused_data
+                self._obj = zlib.decompressobj(47)
+                return self._obj.decompress(leftover, limit)
+        except zlib.error as exc:
+            raise CorruptBody(str(exc)) from exc
         return b""
 
     def finished(self) -> bool:
         return self._obj.eof and not self._obj.unconsumed_tail
+
+
+class _BrotliDecoder:
+    """``br`` decoding (RFC 7932) with bounded output per call: brotli >= 1.2, or
+    brotlicffi >= 1.2 (their ``output_buffer_limit`` keeps bombs small)."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self._error: type[Exception] = module.error
+        self._obj = module.Decompressor()
+        # brotli calls it process(), brotlicffi decompress().
+        process = getattr(self._obj, "process", None)
+        self._process: Callable[..., bytes] = process or self._obj.decompress
+
+    def _run(self, data: bytes, limit: int) -> bytes:
+        try:
+            return self._process(data, output_buffer_limit=limit)
+        except self._error as exc:
+            raise CorruptBody(str(exc)) from exc
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        if self._obj.is_finished():
+            raise CorruptBody("data after the end of the brotli stream")
+        return self._run(data, limit)
+
+    def more(self, limit: int) -> bytes:
+        # Output held back by the limit: the decoder takes no input until it is out.
+        return b"" if self._obj.can_accept_more_data() else self._run(b"", limit)
+
+    def finished(self) -> bool:
+        return bool(self._obj.is_finished())
+
+
+class _ZstdDecoder:
+    """``zstd`` decoding (RFC 8878) with bounded output per call: ``compression.zstd``
+    (Python 3.14) or its backport ``backports.zstd``, as urllib3 uses. Concatenated
+    frames are one body."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self._module = module
+        self._obj = module.ZstdDecompressor()
+
+    def feed(self, data: bytes, limit: int) -> bytes:
+        if self._obj.eof:
+            data = self._obj.unused_data + data
+            self._obj = self._module.ZstdDecompressor()
+        return self._run(data, limit)
+
+    def _run(self, data: bytes, limit: int) -> bytes:
+        try:
+            out: bytes = self._obj.decompress(data, max_length=limit)
+        except self._module.ZstdError as exc:
+            raise CorruptBody(str(exc)) from exc
+        return out
+
+    def more(self, limit: int) -> bytes:
+        if self._obj.eof:
+            if not self._obj.unused_data:
+                return b""
+            # The next frame, already received.
+            leftover = self._obj.unused_data
+            self._obj = self._module.ZstdDecompressor()
+            return self._run(leftover, limit)
+        # Output held back by the limit is released by a call with no new input.
+        return b"" if self._obj.needs_input else self._run(b"", limit)
+
+    def finished(self) -> bool:
+        return bool(self._obj.eof) and not self._obj.unused_data
+
+
+def _try_import(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _import_first(*names: str) -> ModuleType | None:
+    for name in names:
+        module = _try_import(name)
+        if module is not None:
+            return module
+    return None
+
+
+@functools.cache
+def brotli_module() -> ModuleType | None:
+    """The brotli binding that decodes ``br`` bodies, or ``None`` if none usable is
+    installed (``pip install "fetchpool[brotli]"``). Imported when first needed."""
+    module = _import_first("brotlicffi", "brotli")
+    # Before 1.2, neither bounds a call's output: a bomb would be decoded whole.
+    if module is None or not hasattr(module.Decompressor(), "can_accept_more_data"):
+        return None
+    return module
+
+
+@functools.cache
+def zstd_module() -> ModuleType | None:
+    """The module that decodes ``zstd`` bodies, or ``None`` if it is not installed
+    (``pip install "fetchpool[zstd]"``). Imported when first needed."""
+    return _import_first("compression.zstd", "backports.zstd")
+
+
+def _decoder(encoding: str, shown: str) -> _Decoder | None:
+    """The decoder for a ``Content-Encoding``, ``None`` for identity.
+
+    Raises:
+        TransferError: an encoding fetchpool cannot decode here (not retried).
+    """
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return _ZlibDecoder(encoding)
+    hint = ""
+    if encoding == "br":
+        module = brotli_module()
+        if module is not None:
+            return _BrotliDecoder(module)
+        hint = ' (pip install "fetchpool[brotli]" to decode it)'
+    elif encoding == "zstd":
+        module = zstd_module()
+        if module is not None:
+            return _ZstdDecoder(module)
+        hint = ' (pip install "fetchpool[zstd]" to decode it)'
+    raise TransferError(
+        f"unsupported Content-Encoding {encoding[:40]!r} from {shown}{hint}",
+        url=shown,
+        retryable=False,
+    )
 
 
 class Body:
@@ -282,15 +425,7 @@ class Body:
         self.guard = guard
         self.length = content_length(reply.headers, shown)
         encoding = reply.headers.get("Content-Encoding", "").strip().lower()
-        self.decoder: _Decoder | None = None
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            self.decoder = _ZlibDecoder(encoding)
-        elif encoding not in ("", "identity"):
-            raise TransferError(
-                f"unsupported Content-Encoding {encoding[:40]!r} from {shown}",
-                url=shown,
-                retryable=False,
-            )
+        self.decoder = _decoder(encoding, shown)
         # With an encoding the length counts compressed bytes: no size announced.
         self.total = self.length if self.decoder is None else None
         #: The bytes of the body before this answer's (kept in the file), or 0.
@@ -442,7 +577,7 @@ class Body:
                 out = decoder.feed(data, CHUNK_SIZE)
                 if out:
                     return self._decoded(out)
-        except zlib.error as exc:
+        except CorruptBody as exc:
             raise TransferError(
                 f"corrupt compressed body from {self.shown}: {exc}", url=self.shown
             ) from exc

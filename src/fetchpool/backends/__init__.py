@@ -10,6 +10,7 @@ failures below so that both backends fail with the same types and messages.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = [
+    "CA_VARIABLES",
     "BodyEnded",
     "Failure",
     "Reply",
@@ -34,6 +36,7 @@ __all__ = [
     "SpliceSink",
     "Transport",
     "attempt_error",
+    "ca_bundle_from_env",
     "check_guard",
     "describe",
     "on_done",
@@ -203,6 +206,56 @@ def describe(exc: BaseException, secrets: tuple[str, ...] = ()) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+#: Where users name a CA bundle, in the order looked at: requests' two variables, then
+#: OpenSSL's (which requests alone would ignore: it loads certifi's bundle instead).
+CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+# What OpenSSL (through Python's ssl or libcurl) says of a certificate it refuses, and
+# the cause in plain words: the same on every backend, whatever the library's wording.
+_TLS_CAUSES = (
+    (("certificate has expired",), "the server's certificate has expired"),
+    (("certificate is not yet valid",), "the server's certificate is not yet valid"),
+    (
+        ("hostname mismatch", "ip address mismatch", "subject name"),
+        "the server's certificate is not valid for this host name (hostname mismatch)",
+    ),
+    (
+        (
+            "unable to get local issuer",
+            "self-signed certificate",
+            "self signed certificate",
+            "unable to verify the first certificate",
+            "unknown ca",
+        ),
+        (
+            "the server's certificate is signed by an unknown CA (not in the CA bundle: "
+            "set REQUESTS_CA_BUNDLE or SSL_CERT_FILE to trust another)"
+        ),
+    ),
+)
+
+
+def ca_bundle_from_env() -> str | None:
+    """Return the CA bundle (a file, or a directory) that the environment names, if any.
+
+    Looked up in :data:`CA_VARIABLES` order, the first one set and not empty wins; both
+    backends verify against it (certifi's bundle when there is none).
+    """
+    for name in CA_VARIABLES:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _tls_cause(detail: str) -> str | None:
+    lowered = detail.lower()
+    for words, cause in _TLS_CAUSES:
+        if any(word in lowered for word in words):
+            return cause
+    return None
+
+
 def attempt_error(
     kind: Failure,
     shown: str,
@@ -243,8 +296,10 @@ def attempt_error(
     if kind in ("tls", "tls-dropped"):
         # The connection dropping mid-handshake may heal; a refused certificate or a
         # protocol mismatch will not.
+        cause = _tls_cause(detail) if kind == "tls" else None
+        text = detail if cause is None else f"{cause}; {detail}"
         return TransferError(
-            f"TLS error {during} {shown}: {detail}", url=shown, retryable=kind == "tls-dropped"
+            f"TLS error {during} {shown}: {text}", url=shown, retryable=kind == "tls-dropped"
         )
     if kind == "malformed":
         return TransferError(

@@ -60,6 +60,7 @@ from . import (
     Request,
     SpliceSink,
     attempt_error,
+    ca_bundle_from_env,
     check_guard,
     describe,
     on_done,
@@ -400,10 +401,10 @@ def _basic_auth(user: str, password: str) -> str:
 
 
 def _ca_bundle() -> str:
-    # The bundle requests would use: its environment variables, else certifi's.
-    return (
-        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
-    )
+    # The bundle the requests backend uses: the environment's, else certifi's. libcurl
+    # reads no variable itself (CURL_CA_BUNDLE and SSL_CERT_FILE are the curl tool's and
+    # OpenSSL's defaults, and CAINFO overrides them).
+    return ca_bundle_from_env() or certifi.where()
 
 
 class _Transfer:

@@ -29,7 +29,15 @@ from .. import __version__
 from ..deadline import Guard, current_guard, guarding
 from ..errors import FetchError
 from ..ssrf import AddressPolicy, Refusal
-from . import Failure, Request, SpliceSink, attempt_error, describe, refused
+from . import (
+    Failure,
+    Request,
+    SpliceSink,
+    attempt_error,
+    ca_bundle_from_env,
+    describe,
+    refused,
+)
 from ._splice import splice_body
 
 __all__ = [
@@ -237,8 +245,8 @@ def default_session(workers: int) -> requests.Session:
 # -- errors ---------------------------------------------------------------------------
 
 
-def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
-    """Whether ``exc`` or anything it wraps (cause, context, args) is one of ``kinds``."""
+def _wrapped(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``exc`` or the first thing it wraps (cause, context, args) that is one of ``kinds``."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -247,10 +255,15 @@ def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bo
             continue
         seen.add(id(current))
         if isinstance(current, kinds):
-            return True
+            return current
         todo += [a for a in current.args if isinstance(a, BaseException)]
         todo += [e for e in (current.__cause__, current.__context__) if e is not None]
-    return False
+    return None
+
+
+def _caused_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``exc`` or anything it wraps (cause, context, args) is one of ``kinds``."""
+    return _wrapped(exc, kinds) is not None
 
 
 def _classify(exc: BaseException) -> Failure:
@@ -293,7 +306,11 @@ def network_error(
     secrets: tuple[str, ...] = (),
 ) -> FetchError:
     """Map a ``requests``/urllib3/socket exception to the right :class:`FetchError`."""
-    return attempt_error(_classify(exc), shown, during, describe(exc, secrets), guard)
+    kind = _classify(exc)
+    # urllib3 wraps a refused handshake in "Max retries exceeded ... (Caused by SSLError(
+    # ...))": misleading for a failure that was tried once. ssl's own text says it all.
+    cause = _wrapped(exc, (ssl.SSLError,)) if kind == "tls" else None
+    return attempt_error(kind, shown, during, describe(cause or exc, secrets), guard)
 
 
 # -- the transport --------------------------------------------------------------------
@@ -309,6 +326,10 @@ def _environment(
     settings = cache.get(key)
     if settings is None:
         settings = dict(session.merge_environment_settings(url, {}, True, None, None))
+        if settings.get("verify") is True and session.trust_env:
+            # requests reads REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE (merged above) but not
+            # OpenSSL's SSL_CERT_FILE / SSL_CERT_DIR, which the curl backend honours too.
+            settings["verify"] = ca_bundle_from_env() or True
         if len(cache) >= _ENV_CACHE_HOSTS:
             # Many distinct hosts (a crawl): stay bounded rather than clever.
             cache.clear()
