@@ -127,8 +127,9 @@ def test_a_big_body_is_written_by_libcurl_itself(
     sizes = progress_sizes(events)
     assert sizes == sorted(sizes)
     assert sizes[-1] == SIZE
-    # About one event per MiB, though libcurl writes several MiB per turn of the loop.
-    assert len(sizes) >= SIZE // fetchpool.transfer.SPLICE_BLOCK, sizes
+    # About one event per MiB, though libcurl writes several MiB per turn of the loop
+    # (give or take the MiB or two the callback wrote before the swap, as the turns fall).
+    assert len(sizes) >= SIZE // fetchpool.transfer.SPLICE_BLOCK - 2, sizes
     assert len(sizes) <= 3 + SIZE // fetchpool.transfer.SPLICE_BLOCK, sizes
     assert listing(dest) == [result.path.name]
 
