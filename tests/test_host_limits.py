@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import as_completed
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,6 +179,17 @@ def test_bad_limits_are_refused_at_construction(
 # -- against real servers, both backends -------------------------------------------------
 
 
+def completion_order(dest: Path, urls: list[str], **options: Any) -> list[str]:
+    """Download ``urls`` (each must succeed); return them in the order they completed."""
+    order: list[str] = []
+    with Downloader(dest, **options) as dl:
+        for future in as_completed([dl.submit(u) for u in urls]):
+            result = future.result()
+            assert result.ok, result.error
+            order.append(result.url)
+    return order
+
+
 @pytest.fixture
 def servers() -> Iterator[list[ImageServer]]:
     with ExitStack() as stack:
@@ -207,13 +219,7 @@ def test_a_slow_host_does_not_hold_up_the_others(
     slow.latency = 0.4
     slow_urls = [slow.url(f"/any/s{i}.png") for i in range(8)]
     fast_urls = [fast.url(f"/any/f{i}.png") for i in range(6)]
-    order: list[str] = []
-    with Downloader(dest, workers=4, per_host=2) as dl:
-        futures = [dl.submit(u) for u in slow_urls + fast_urls]
-        for future in as_completed(futures):
-            result = future.result()
-            assert result.ok, result.error
-            order.append(result.url)
+    order = completion_order(dest, slow_urls + fast_urls, workers=4, per_host=2)
     # The slow host has at most two workers: the fast host's downloads, submitted
     # behind all of the slow host's, finish on the other two before any slow one.
     assert set(order[: len(fast_urls)]) == set(fast_urls)
@@ -358,13 +364,7 @@ def test_a_429_storm_on_one_host_leaves_another_at_full_speed(
     # come first in the list and would take every worker without the limits.
     storm = [stormy.url(f"/fail/1/429/s{i}.png?retry_after=1") for i in range(6)]
     plain = [calm.url(f"/any/c{i}.png") for i in range(12)]
-    order: list[str] = []
-    with Downloader(dest, workers=4, per_host=2) as dl:
-        futures = [dl.submit(u) for u in storm + plain]
-        for future in as_completed(futures):
-            result = future.result()
-            assert result.ok, result.error
-            order.append(result.url)
+    order = completion_order(dest, storm + plain, workers=4, per_host=2)
     assert set(order[: len(plain)]) == set(plain)
     times = sorted(stormy.request_times)
     assert max(calm.request_times) < times[0] + 1.0

@@ -99,21 +99,25 @@ def parse_size(text: str) -> int | None:
     return int(Decimal(number) * 1024 ** " kmgt".index((unit or " ").lower()))
 
 
+def _positive(text: str, what: str, maximum: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of {what}: {text!r}") from None
+    if not 0 < value <= maximum:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be a number of {what} > 0 and <= {maximum:.0f}, not {text!r}"
+        )
+    return value
+
+
 def parse_seconds(text: str) -> float:
     """Parse a number of seconds, more than 0 and at most :data:`MAX_SECONDS`.
 
     Raises:
         argparse.ArgumentTypeError: not such a number.
     """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= MAX_SECONDS:  # NaN fails too
-        raise argparse.ArgumentTypeError(
-            f"must be a number of seconds > 0 and <= {MAX_SECONDS:.0f}, not {text!r}"
-        )
-    return value
+    return _positive(text, "seconds", MAX_SECONDS)
 
 
 def parse_timeout(text: str) -> float | tuple[float, float]:
@@ -146,20 +150,12 @@ def parse_header(text: str) -> tuple[str, str]:
 
 
 def parse_rate(text: str) -> float:
-    """Parse a number of requests per second, more than 0 and at most 1e6.
+    """Parse a number of requests per second, more than 0 and at most a million.
 
     Raises:
         argparse.ArgumentTypeError: not such a number.
     """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of requests per second: {text!r}") from None
-    if not 0 < value <= 1e6:  # NaN fails too
-        raise argparse.ArgumentTypeError(
-            f"must be > 0 and <= 1e6 requests per second, not {text!r}"
-        )
-    return value
+    return _positive(text, "requests per second", 1e6)
 
 
 def parse_allow_host_arg(text: str) -> AllowEntry:

@@ -395,27 +395,23 @@ class Ticket:
 
     def _stop_waiting(self, now: float) -> None:
         # With the lock held: no longer first in line for a slot.
-        key = self.waiting_on
-        if key is None:
-            return
-        self.waiting_on = None
-        limits = self.limits
-        host = limits._hosts[key]
-        host.waiting -= 1
-        limits._changed_now(key)
-        limits._forget_if_idle(key, host, now)
+        key, self.waiting_on = self.waiting_on, None
+        self._let_go(key, "waiting", now)
 
     def _leave(self, now: float) -> None:
         # With the lock held: give the slot back.
-        held = self.held
-        if held is None:
+        key, self.held = self.held, None
+        self._let_go(key, "active", now)
+
+    def _let_go(self, key: str | None, count: str, now: float) -> None:
+        # With the lock held: one less of ``count`` on ``key``'s host, if any.
+        if key is None:
             return
-        self.held = None
         limits = self.limits
-        host = limits._hosts[held]
-        host.active -= 1
-        limits._changed_now(held)
-        limits._forget_if_idle(held, host, now)
+        host = limits._hosts[key]
+        setattr(host, count, getattr(host, count) - 1)
+        limits._changed_now(key)
+        limits._forget_if_idle(key, host, now)
 
     def finish(self) -> None:
         """The download ended (or never ran): give back what it holds."""
