@@ -547,17 +547,15 @@ class Pipeline:
         shown = task.shown
         if task.cancel.is_set():
             raise Cancelled
-        if time_left <= 0:
-            raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
         ticket = task.ticket
-        if ticket is not None:
-            # The host's turn is waited for outside the attempt's deadline: a busy host
-            # delays the request, it does not fail it.
+        if ticket is not None and time_left > 0:
+            # The host's turn is waited for outside the attempt's deadline (a busy host
+            # delays the request, it does not fail it), but within the retry budget.
             waited = CLOCK.monotonic()
             yield Admit(ticket, ticket.key, task.cancel)
             time_left -= CLOCK.monotonic() - waited
-            if time_left <= 0:
-                raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
+        if time_left <= 0:
+            raise TransferError(f"retry budget used up for {shown}", url=shown, retryable=False)
         limit = "deadline" if self.opts.deadline <= time_left else "retry budget"
         headers = self.opts.headers
         offset = 0 if kept is None else kept.offset
