@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
@@ -302,14 +302,6 @@ class HostLimits(Generic[T]):
             self._queued = 0
         entries.sort(key=lambda entry: entry[0])
         return [item for _, item, _ in entries]
-
-    def __iter__(self) -> Iterator[T]:
-        with self._lock:
-            entries = sorted(
-                (entry for queue in self._pending.values() for entry in queue),
-                key=lambda entry: entry[0],
-            )
-        return iter([item for _, item, _ in entries])
 
 
 class Ticket:
