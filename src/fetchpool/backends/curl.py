@@ -1249,8 +1249,11 @@ class CurlTransport:
         ``workers`` are under way in all.
         """
         runs = len(self._runs)
+        room = self._limit + extra
+        if runs < room:
+            return True  # the usual case, and extra <= workers < the cap
         waiting = len(self._sleepers) + len(self._admits) + len(self._idle_runs)
-        return runs - waiting < self._limit + extra and runs < IN_PROGRESS * self._limit
+        return runs - waiting < room and runs < IN_PROGRESS * self._limit
 
     def _has_queued(self) -> bool:
         """Whether a queued download may start now (cheap; may be wrong towards yes)."""
