@@ -17,8 +17,10 @@ from fetchpool.workers import Workers
 def test_a_cancel_just_before_a_wait_is_parked_ends_it() -> None:
     workers = Workers(2, transport=None)  # type: ignore[arg-type]
     other = threading.Event()
+    sleeping = threading.Event()
 
     def long_sleeper() -> Generator[Any, Any, str]:
+        sleeping.set()
         yield Sleep(30, other)  # keeps the timer thread alive
         return "other"
 
@@ -33,7 +35,7 @@ def test_a_cancel_just_before_a_wait_is_parked_ends_it() -> None:
         return "racer"
 
     first = workers.submit(long_sleeper)
-    time.sleep(0.1)
+    assert sleeping.wait(10)
     racing = workers.submit(racer)
     assert checked.wait(10)
     cancel.set()
