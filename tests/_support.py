@@ -53,13 +53,18 @@ def temp_sizes(directory: Path, pid: int | None = None) -> list[int]:
 
 def _unnamed(directory: Path, pid: int) -> list[str]:
     # The kernel shows an O_TMPFILE file as "<directory>/#<inode> (deleted)".
+    # A file open twice (libcurl writing a big body through a descriptor of its own)
+    # counts once.
     prefix = os.path.join(os.path.realpath(directory), "#")
     found = []
+    seen = set()
     with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith(prefix) and target.endswith(" (deleted)"):
+                unnamed = target.startswith(prefix) and target.endswith(" (deleted)")
+                if unnamed and target not in seen:
+                    seen.add(target)
                     found.append(f"{pid}:{fd}")
     return found
 

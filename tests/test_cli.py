@@ -105,8 +105,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: Callable[[], s
 
 # --------------------------------------------------------------------------- a stalling server
 
-_FIRST_PART = 300 * 1024  # more than one 256 KiB read of fetchpool: a temp file appears
-_BIG_SIZE = 600_000
+# More than the 1 MiB a download may hold in memory before it has a file (the curl
+# backend's express lane), and than one 256 KiB read of the steps: a temp file appears.
+_FIRST_PART = 1200 * 1024
+_BIG_SIZE = 1_500_000
 
 
 class _StallHandler(BaseHTTPRequestHandler):
@@ -127,7 +129,7 @@ class _StallHandler(BaseHTTPRequestHandler):
 
 
 class _StallServer(ThreadingHTTPServer):
-    """Large PNGs whose body stops after 300 KiB: a partial temporary file on disk."""
+    """Large PNGs whose body stops after 1.2 MiB: a partial temporary file on disk."""
 
     daemon_threads = True
     request_queue_size = 64
@@ -147,7 +149,7 @@ def big_image(path: str) -> bytes:
 
 @pytest.fixture
 def stall() -> Iterator[str]:
-    """The base URL of a server whose transfers stall after 300 KiB."""
+    """The base URL of a server whose transfers stall after 1.2 MiB."""
     srv = _StallServer()
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()

@@ -156,8 +156,10 @@ def wait_in_child(child: Child, predicate: Callable[[], bool], timeout: float, w
 # --------------------------------------------------------------------------- servers
 
 
-_FIRST_PART = 300 * 1024  # more than one 256 KiB read of fetchpool: a temp file appears
-_BIG_SIZE = 600_000
+# More than the 1 MiB a download may hold in memory before it has a file (the curl
+# backend's express lane), and than one 256 KiB read of the steps: a temp file appears.
+_FIRST_PART = 1200 * 1024
+_BIG_SIZE = 1_500_000
 
 
 class _StallHTTPServer(ThreadingHTTPServer):
@@ -231,7 +233,7 @@ class _StallHandler(BaseHTTPRequestHandler):
 class StallServer:
     """Loopback server of large PNGs whose delivery stalls until :meth:`release`.
 
-    ``/big/<name>``: headers and the first 300 KiB at once, the rest after release.
+    ``/big/<name>``: headers and the first 1.2 MiB at once, the rest after release.
     ``/hold/<name>``: nothing until release, then the whole image.
     After :meth:`release` every request is answered at once.
     """

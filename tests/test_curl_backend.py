@@ -360,8 +360,8 @@ def test_cancel_between_redirect_hops_stops_the_next_hop(
     guards: list[Guard] = []
     make_guard = dl._watchdog.guard
 
-    def guard_noted(seconds: float, limit: str = "deadline") -> Guard:
-        guards.append(make_guard(seconds, limit))
+    def guard_noted(seconds: float, limit: str = "deadline", began: float | None = None) -> Guard:
+        guards.append(make_guard(seconds, limit, began))
         return guards[-1]
 
     dl._watchdog.guard = guard_noted  # type: ignore[method-assign]

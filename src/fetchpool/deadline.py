@@ -29,11 +29,17 @@ _current = threading.local()
 class Guard:
     """The deadline of one attempt; a context manager that ends it when the attempt ends."""
 
-    def __init__(self, watchdog: Watchdog, seconds: float, limit: str = "deadline") -> None:
+    def __init__(
+        self,
+        watchdog: Watchdog,
+        seconds: float,
+        limit: str = "deadline",
+        began: float | None = None,
+    ) -> None:
         self._watchdog = watchdog
         self.seconds = seconds
         self.limit = limit
-        self.deadline = time.monotonic() + seconds
+        self.deadline = (time.monotonic() if began is None else began) + seconds
         self.expired = False
         self.cancelled = False
         self._stop: Callable[[], None] | None = None
@@ -136,9 +142,10 @@ class Watchdog:
         self._stopping = False
         self._cancelled = False
 
-    def guard(self, seconds: float, limit: str = "deadline") -> Guard:
-        """Return a new guard that fires ``seconds`` from now; ``limit`` names it in errors."""
-        g = Guard(self, max(0.0, seconds), limit)
+    def guard(self, seconds: float, limit: str = "deadline", began: float | None = None) -> Guard:
+        """Return a new guard that fires ``seconds`` from now (from ``began``, a
+        ``time.monotonic()`` in the past, if given); ``limit`` names it in errors."""
+        g = Guard(self, max(0.0, seconds), limit, began)
         with self.lock:
             if self._cancelled:
                 g.cancelled = True

@@ -11,7 +11,7 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
@@ -139,12 +139,19 @@ class Downloader:
         self._stops: set[Stop] = set()
         self._stops_lock = threading.Lock()
         make_runner = getattr(self._transport, "runner", None)
+        pipeline = self._pipeline
         self._runner: Runner = (
-            make_runner(workers, self._hosts)
+            make_runner(workers, self._hosts, pipeline if pipeline.express_ok else None)
             if make_runner is not None
             else Workers(workers, self._transport, self._hosts)
         )
         self._loop_prepares = make_runner is not None
+        # A runner with an express lane takes plain URLs there (see Pipeline.express).
+        self._express: Callable[[str], Future[DownloadResult]] | None = (
+            getattr(self._runner, "submit_express", None)
+            if getattr(self._runner, "takes_express", False)
+            else None
+        )
 
     # -- public API -------------------------------------------------------------------
 
@@ -218,6 +225,17 @@ class Downloader:
         if filename is not None and not isinstance(filename, (str, os.PathLike)):
             raise TypeError(f"filename must be str or os.PathLike, not {type(filename).__name__}")
         self._emit(url, 0, None, "started")
+        express = self._express
+        if (
+            express is not None
+            and filename is None
+            and expected is None
+            and stop is None
+            and type(url) is str
+        ):
+            future = express(url)
+            on_done(future, partial(self._settle_cancelled, None, url))
+            return future
         hosts = self._hosts
         ticket = None if hosts is None or not isinstance(url, str) else hosts.ticket(url)
         if self._loop_prepares:

@@ -15,12 +15,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from .backends import Reply, Transport
+from .backends import Reply, Request, Transport
 from .checksums import Algorithm, Expected, hash_file
 from .claims import Claims
 from .deadline import Guard, Stop, Watchdog
@@ -66,11 +67,18 @@ from .storage import (
     supports_xattrs,
     sweep,
 )
-from .transfer import SPLICE_BLOCK, Body, open_response
+from .transfer import SPLICE_BLOCK, Body, content_length, open_response, request_headers
 
-__all__ = ["Outcome", "Pipeline", "Task"]
+__all__ = ["NOT_PLAIN", "NO_LENGTH", "Outcome", "Pipeline", "Task"]
 
 log = logging.getLogger("fetchpool")
+
+#: The biggest body the express lane takes whole into memory (see Pipeline.express).
+_EXPRESS_MAX = 1024 * 1024
+#: What :meth:`Pipeline.express_length` says of an answer without a length, and of one
+#: that may not stay in the express lane.
+NO_LENGTH = -1
+NOT_PLAIN = -2
 
 #: A file found at the final name up to this big is hashed where the pipeline runs;
 #: a bigger one in a Block step, which a driver with a loop runs on another thread.
@@ -101,6 +109,12 @@ class Task:
     ticket: Ticket | None = None
     #: What stops this download alone, if it can be (``None``: only with the Downloader).
     stop: Stop | None = None
+    #: When its first attempt began, where a driver began it in its express lane
+    #: (:meth:`Pipeline.express`): ``time.monotonic()`` and the retry clock's.
+    began: tuple[float, float] | None = None
+    #: The lock of ``path``, taken in the express lane (nothing was found there): the
+    #: steps go on under it, with no other writer let in between.
+    held: PathLock | None = None
 
 
 class Outcome(NamedTuple):
@@ -163,6 +177,17 @@ class Pipeline:
                 dest,
             )
         self._header_secrets = secrets_of("", opts.headers)
+        #: Whether a driver may take plain downloads through :meth:`express`: none of
+        #: the options that make a first attempt more than a GET written to a new file.
+        self.express_ok = not (
+            self._partials or opts.content_disposition or opts.fsync or opts.host_limits
+        )
+        # Every express request sends these (what open_response's first hop sends).
+        self._express_headers = request_headers(opts.headers, False)
+        cap = _EXPRESS_MAX if opts.max_bytes is None else min(_EXPRESS_MAX, opts.max_bytes)
+        #: The most body bytes an express download holds in memory: past them (or a
+        #: bigger Content-Length), the download goes on through :meth:`steps`.
+        self.express_cap = cap
 
     # -- preparing a task (caller's thread) --------------------------------------------
 
@@ -240,6 +265,131 @@ class Pipeline:
         task.ticket = ticket
         return (yield from self.steps(task))
 
+    # -- the express lane (a driver's plain first attempt) ------------------------------
+
+    def express(self, url: str) -> tuple[Task, PathLock | None] | DownloadResult:
+        """Prepare ``url`` for a driver's express lane, on its loop thread.
+
+        The express lane is the common case at the least cost: one GET, a 2xx answer
+        with a plain body of up to :attr:`express_cap` bytes, written to a new file.
+        The driver sends :meth:`express_request`, keeps the answer in memory, and
+        gives it to :meth:`finish_express`; anything else (another answer, a failure,
+        a bigger body) goes on through :meth:`steps`, with the answer the express lane
+        received as its first attempt's (the driver replays it), so that every rule
+        stays written once, there.
+
+        Returns:
+            The task with its final path locked and found free; the task with no lock
+            where it must take :meth:`steps` from the start (the lock is busy, a file
+            is there, the URL has user-info...); or the result of a URL refused.
+        """
+        try:
+            task = self.prepare(url, None)
+        except FetchError as exc:
+            return self.refused(url, exc)
+        directory = task.directory
+        if task.cancel.is_set() or "@" in task.url or slow_to_create(directory):
+            return task, None
+        lock = PathLock(
+            directory, lock_key(task.path), task.cancel, task.shown, timeout=self.opts.retry.budget
+        )
+        if not lock.acquire(blocking=False):
+            return task, None
+        path = task.path
+        if inspect_target(path).kind != "none" or (
+            self.opts.overwrite == "error" and os.path.islink(path)
+        ):
+            lock.release()
+            return task, None
+        task.began = time.monotonic(), CLOCK.monotonic()
+        log.debug("GET %s", task.shown)
+        return task, lock
+
+    def abandon(self, task: Task) -> None:
+        """Release what a task prepared holds (its lock, its claims), for steps that
+        never ran."""
+        held, task.held = task.held, None
+        if held is not None:
+            held.release()
+        self.release_claims(task, None)
+
+    def express_request(self, task: Task) -> Request:
+        """The request of ``task``'s express attempt: what :meth:`steps` sends first."""
+        opts = self.opts
+        return Request(
+            task.url, self._express_headers, None, (), opts.timeout, task.shown, task.secrets
+        )
+
+    def express_limit(self) -> float:
+        """How long an express attempt may take (what its first attempt's guard allows)."""
+        return min(self.opts.deadline, self.opts.retry.budget)
+
+    def express_length(self, status: int, headers: Mapping[str, str], shown: str) -> int:
+        """Whether an answer may stay in the express lane, from its status and headers:
+        its ``Content-Length``, :data:`NO_LENGTH` if it has none, or :data:`NOT_PLAIN`
+        if it may not (not a 2xx, encoded, too big...)."""
+        if not 200 <= status < 300 or status == 206:
+            return NOT_PLAIN
+        encoding = headers.get("Content-Encoding")
+        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
+            return NOT_PLAIN
+        try:
+            length = content_length(headers, shown)
+        except TransferError:
+            return NOT_PLAIN
+        if length is None:
+            return NO_LENGTH
+        return length if length <= self.express_cap else NOT_PLAIN
+
+    def finish_express(
+        self, task: Task, lock: PathLock, headers: Mapping[str, str], length: int, body: bytes
+    ) -> DownloadResult | None:
+        """Write ``task``'s express answer to its file and return the result.
+
+        ``lock`` is the one :meth:`express` took; released here if this returns a result,
+        else kept for :meth:`steps` (put it in :attr:`Task.held`).
+        ``length``: what :meth:`express_length` said of the answer (not :data:`NOT_PLAIN`).
+
+        Returns:
+            The result (a failed one where the file cannot be written: that is not
+            retried); or ``None`` where the answer is no plain success (a length that
+            does not match, not an image...): the driver then goes on with
+            :meth:`steps`, which finds out what it is and says so.
+        """
+        shown = task.shown
+        size = len(body)
+        if length not in (NO_LENGTH, size) or size > self.express_cap:
+            return None
+        if self.opts.verify == "image" and sniff_image(body[:SNIFF_BYTES]) is None:
+            return None
+        path = task.path
+        began = task.began
+        assert began is not None
+        try:
+            tmp = TempFile(task.directory, lock.key, shown)
+            try:
+                if body:
+                    tmp.write(body)
+                recorded = tmp.commit(path, task.origin, False)
+            except BaseException:
+                tmp.discard()
+                raise
+        except StorageError as exc:
+            lock.release()
+            self.release_claims(task, None)
+            result = self._failed(task, exc, 1, began[0])
+            self._finish(result)
+            return result
+        lock.release()
+        content_type = headers.get("Content-Type")
+        self.release_claims(task, Outcome("downloaded", path, size, content_type, recorded))
+        self._emit(task.url, size, None if length == NO_LENGTH else length, "progress")
+        result = DownloadResult.downloaded(
+            task.url, path, size, 1, time.monotonic() - began[0], content_type
+        )
+        self._finish(result)
+        return result
+
     def run(self, task: Task) -> DownloadResult:
         """Download one prepared task on this thread; never raises for a failure."""
         return run(self.steps(task), self._transport)
@@ -249,7 +399,7 @@ class Pipeline:
 
         The step never raises for a failure: it ends with the result.
         """
-        start = time.monotonic()
+        start = time.monotonic() if task.began is None else task.began[0]
         attempts = [0]
         outcome: Outcome | None = None
         try:
@@ -310,9 +460,20 @@ class Pipeline:
         )
 
     def _download(self, task: Task, attempts: list[int]) -> Steps[Outcome]:
+        held, task.held = task.held, None
+        if held is not None:
+            try:
+                if task.cancel.is_set():
+                    raise Cancelled
+                assert task.began is not None
+                start = task.began[1]
+                return (yield from self._with_retries(task, task.path, held.key, attempts, start))
+            finally:
+                held.release()
         if task.cancel.is_set():
             raise Cancelled
-        start = CLOCK.monotonic()  # the retry budget counts waiting for the lock too
+        # The retry budget counts waiting for the lock too, and an express attempt.
+        start = CLOCK.monotonic() if task.began is None else task.began[1]
         self._ensure_dir(task)
         if self.opts.content_disposition and not task.caller_named:
             # The name may come with the headers: settle it inside the attempt.
@@ -514,8 +675,12 @@ class Pipeline:
         # machinery (its closures, its generator, tenacity) is set up once it failed.
         attempts[0] = 1
         try:
-            time_left = policy.budget - (CLOCK.monotonic() - start)
-            return (yield from self._attempt(task, path, key, time_left, kept))
+            began = task.began
+            if began is None:
+                time_left = policy.budget - (CLOCK.monotonic() - start)
+                return (yield from self._attempt(task, path, key, time_left, kept))
+            # Begun in the express lane: its limits count from then.
+            return (yield from self._attempt(task, path, key, policy.budget, kept, began[0]))
         except Exception as exc:
             if policy.attempts <= 1 or not is_retryable(exc):
                 raise
@@ -542,8 +707,16 @@ class Pipeline:
         )
 
     def _attempt(
-        self, task: Task, path: Path | None, key: str | None, time_left: float, kept: Kept | None
+        self,
+        task: Task,
+        path: Path | None,
+        key: str | None,
+        time_left: float,
+        kept: Kept | None,
+        began: float | None = None,
     ) -> Steps[Outcome]:
+        """One attempt, with ``time_left`` of the retry budget; ``began``: when it began
+        (``time.monotonic()``), if before now (in the express lane)."""
         shown = task.shown
         if task.cancel.is_set():
             raise Cancelled
@@ -563,10 +736,11 @@ class Pipeline:
             assert kept is not None
             assert kept.validator is not None
             headers = range_headers(headers, offset, kept.validator)
-        with self._watchdog.guard(min(self.opts.deadline, time_left), limit) as guard:
+        with self._watchdog.guard(min(self.opts.deadline, time_left), limit, began) as guard:
             if task.stop is not None:
                 task.stop.watch(guard)
-            log.debug("GET %s%s", shown, f" from byte {offset}" if offset else "")
+            if began is None:  # else logged when the express lane sent it
+                log.debug("GET %s%s", shown, f" from byte {offset}" if offset else "")
             try:
                 reply = yield from open_response(
                     task.url,

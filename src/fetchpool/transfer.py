@@ -36,6 +36,7 @@ __all__ = [
     "Body",
     "content_length",
     "open_response",
+    "request_headers",
 ]
 
 log = logging.getLogger("fetchpool")
@@ -58,7 +59,9 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return scheme, (parts.hostname or "").lower(), port
 
 
-def _request_headers(headers: Mapping[str, str], cross_origin: bool) -> dict[str, str]:
+def request_headers(headers: Mapping[str, str], cross_origin: bool) -> dict[str, str]:
+    """The headers a request sends: the caller's ``headers``, ``Accept-Encoding: identity``
+    unless they name one, and on a ``cross_origin`` hop none of the sensitive ones."""
     if not headers:
         return {"Accept-Encoding": "identity"}  # the default: nothing to look through
     sent = dict(headers)
@@ -111,7 +114,7 @@ def open_response(
                 yield Admit(ticket, key, cancel or threading.Event())
         request = Request(
             url=current,
-            headers=_request_headers(headers, cross_origin),
+            headers=request_headers(headers, cross_origin),
             auth=None if cross_origin else auth,
             drop=(*_CROSS_ORIGIN_DROP, *filter(is_sensitive_header, headers))
             if cross_origin

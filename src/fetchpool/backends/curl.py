@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any, BinaryIO, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast, overload
 from urllib.parse import urlsplit
 
 import certifi
@@ -48,6 +48,7 @@ from .. import __version__
 from ..deadline import Guard
 from ..errors import FetchError, StorageError, TransferError
 from ..hosts import HostLimits, Ticket
+from ..pipeline import NOT_PLAIN
 from ..retry import CLOCK
 from ..ssrf import AddressPolicy, Refusal
 from ..steps import Admit, Read, Send, Sleep, Splice, Steps, perform
@@ -66,6 +67,10 @@ from . import (
     on_done,
     refused,
 )
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline, Task
+    from ..storage import PathLock
 
 __all__ = ["CurlError", "CurlReply", "CurlTransport"]
 
@@ -417,6 +422,9 @@ class _Transfer:
 
     # Event mode: the download whose steps wait on this transfer (loop thread only).
     run: _Run | None = None
+    # Express mode (loop thread only): the download this transfer is the express attempt
+    # of, until it is settled (see CurlTransport._settle_express).
+    express: _Run | None = None
     owed = False  # a wake-up is owed to its waiter at the end of this turn
     replied = False  # the reply was handed over
     status = 0
@@ -457,7 +465,12 @@ class _Transfer:
     reached = False
 
     def __init__(
-        self, request: Request, guard: Guard, read_timeout: float, start: float, slot: _Slot
+        self,
+        request: Request,
+        guard: Guard | None,
+        read_timeout: float,
+        start: float,
+        slot: _Slot,
     ) -> None:
         self.request = request
         self.guard = guard
@@ -482,12 +495,40 @@ class _Transfer:
             self.code = code
             self.message = message
             self.failure = failure
-            if self.run is None or self.waiting:
+            if (self.run is None and self.express is None) or self.waiting:
                 # A blocked worker may wait (event mode's steps wait on nothing but
                 # the loop, and a plain Lock's Condition costs four Python calls here).
                 self.cond.notify_all()
         if self.run is not None:
             self.slot.transport.owe_wake(self)
+        elif self.express is not None:
+            self.slot.transport.express_due(self.express)
+
+    def parse_lines(self) -> None:
+        """Take the final answer's status and headers from ``lines`` (express mode, where
+        libcurl's header callback only collects the lines, all answers' blank lines too)."""
+        lines = self.lines
+        end = len(lines)
+        try:
+            blank = lines.index(b"\r\n")
+        except ValueError:
+            blank = end
+        if blank >= end - 1:
+            head = lines[:blank]  # the usual: one answer, no informational one before
+        else:
+            # The last answer that starts with a status line (1xx answers come first,
+            # and a chunked body's trailers after it).
+            begin = end
+            while begin:
+                begin -= 1
+                if lines[begin][:5] == b"HTTP/" and (not begin or lines[begin - 1] in _BLANK_LINES):
+                    break
+            stop = begin
+            while stop < end and lines[stop] not in _BLANK_LINES:
+                stop += 1
+            head = lines[begin:stop]
+        self.status, self.reason, self.headers = _parse_head(head)
+        self.ready = self.status >= 200
 
     def take(self, size: int = 0) -> tuple[bytes | None, bool]:
         """Take the next buffered block (``None``: none yet; ``b""``: the body ended).
@@ -577,17 +618,40 @@ class _Transfer:
 
 
 class _Run:
-    """One download's steps, driven by the loop thread (event mode)."""
+    """One download's steps, driven by the loop thread (event mode).
 
-    __slots__ = ("future", "parked", "steps")
+    An express download (see :meth:`CurlTransport.submit_express`) has no steps until
+    it is handed on to them; its express fields are set only then.
+    """
 
-    def __init__(self, steps: Steps[Any], future: Future[Any]) -> None:
+    __slots__ = (
+        "deadline",
+        "future",
+        "length",
+        "lock",
+        "parked",
+        "replay",
+        "seen",
+        "steps",
+        "task",
+    )
+
+    def __init__(self, steps: Steps[Any] | None, future: Future[Any]) -> None:
         self.steps = steps
         self.future = future
         # What it waits for: a transfer (headers or bytes), a blocking call, room for
-        # its request (the Send), its host's turn (the Admit: a sleeper, or waiting for a
-        # slot), or (None) nothing but time, as a sleeper.
-        self.parked: _Transfer | Future[Any] | Send | Admit | None = None
+        # its request (the Send; an express download's Request), its host's turn (the
+        # Admit: a sleeper, or waiting for a slot), or (None) nothing but time.
+        self.parked: _Transfer | Future[Any] | Send | Request | Admit | None = None
+        # The express transfer its first Send is answered with, once handed on.
+        self.replay: _Transfer | None = None
+        # Express only: the task, its path's lock, when its attempt must end, and how
+        # many header lines the idle check saw.
+        self.task: Task
+        self.lock: PathLock | None
+        self.deadline: float
+        self.seen: int
+        self.length: int  # what Pipeline.express_length said, once the headers are in
 
 
 class _Handed:
@@ -617,8 +681,10 @@ class _Slot:
         self.proxy: str | None = None
         self.connect_ms = -1
         self.header_lines: list[str] | None = None
+        self.header_source: Mapping[str, str] | None = None  # what header_lines were made of
         self.pipewait = 0
         self.spool: bytearray | None = None  # sink mode's buffer, made when first needed
+        self.express = False  # the header callback is a transfer's lines.append
         easy = pycurl.Curl()
         self.easy = easy
         easy.setopt(pycurl.NOSIGNAL, 1)
@@ -705,6 +771,8 @@ class _Slot:
         if t is None:
             return 0
         t.active = time.monotonic()
+        if t.express is not None:
+            return self._transport.express_write(t, data)
         with t.lock:
             sink = t.sink
             if sink is None:
@@ -936,7 +1004,13 @@ class CurlTransport:
         # Event mode (see runner()): downloads queued (under _lock), and those whose
         # steps the loop drives, at most _limit at once (loop thread).
         self._limit = workers
-        self._queue: deque[tuple[Future[Any], Callable[[], Steps[Any]]]] = deque()
+        self._queue: deque[tuple[Future[Any], Callable[[], Steps[Any]] | str]] = deque()
+        # The express lane (see runner()): its downloads whose transfer ended or whose
+        # body turned out not to fit, to settle after the turn (loop thread).
+        self._pipeline: Pipeline | None = None
+        self._express_cap = 0
+        self._express_seconds = 0.0
+        self._due: list[_Run] = []
         # With per-host limits, the downloads that have a host wait in its queue instead;
         # runs waiting for a slot on a host, and the limits' version they last saw.
         self._hosts: HostLimits[Any] | None = None
@@ -968,8 +1042,7 @@ class CurlTransport:
         # Keyed by what precedes the path ("http://host:port"): no parsing per request.
         end = url.find("/", url.find("//") + 2)
         key = (url if end < 0 else url[:end]).lower()
-        with self._lock:
-            proxy = self._proxies.get(key)
+        proxy = self._proxies.get(key)  # one dict read is atomic: no lock
         if proxy is None:
             # The choice requests makes: *_proxy and no_proxy from the environment.
             proxy = select_proxy(url, get_environ_proxies(url)) or ""
@@ -1033,8 +1106,11 @@ class CurlTransport:
             raise attempt_error("connection", request.shown, "requesting", "no response", guard)
         return CurlReply(self, slot, t)
 
-    def _prepare(self, request: Request, guard: Guard) -> tuple[_Slot, _Transfer]:
-        """Set a free handle up for ``request`` (any thread).
+    def _prepare(
+        self, request: Request, guard: Guard | None, express: bool = False
+    ) -> tuple[_Slot, _Transfer]:
+        """Set a free handle up for ``request`` (any thread); ``express``: for an express
+        transfer (no guard: the loop watches its deadline).
 
         Raises:
             FetchError: the guard fired, the URL is refused, or the transport is closed.
@@ -1063,11 +1139,15 @@ class CurlTransport:
                     raise refused(refusal, request.shown, "requesting", guard)
         slot = self._slot()
         easy = slot.easy
-        header_lines = [
-            f"{name}: {value}" if value else f"{name};" for name, value in request.headers.items()
-        ]
-        if request.auth is not None:
-            header_lines.append(f"Authorization: {_basic_auth(*request.auth)}")
+        headers = request.headers
+        if request.auth is None and headers is slot.header_source:
+            header_lines = slot.header_lines  # the same headers (the express lane's, say)
+        else:
+            header_lines = [
+                f"{name}: {value}" if value else f"{name};" for name, value in headers.items()
+            ]
+            if request.auth is not None:
+                header_lines.append(f"Authorization: {_basic_auth(*request.auth)}")
         try:
             easy.setopt(pycurl.URL, _wire_url(request.url))
         except (pycurl.error, RequestException, UnicodeError, ValueError) as exc:
@@ -1075,11 +1155,13 @@ class CurlTransport:
             raise attempt_error(
                 "invalid-url", request.shown, "requesting", describe(exc, request.secrets), guard
             ) from exc
-        if header_lines != slot.header_lines:
+        if header_lines is not slot.header_lines and header_lines != slot.header_lines:
             # Nearly always the same lines as the handle's last request: pycurl would
             # build libcurl's list of them anew.
             easy.setopt(pycurl.HTTPHEADER, header_lines)
             slot.header_lines = header_lines
+        # A mapping the caller cannot change (a request's is never changed once made).
+        slot.header_source = headers if request.auth is None else None
         connect_ms = max(1, int(connect * 1000))
         if connect_ms != slot.connect_ms:
             easy.setopt(pycurl.CONNECTTIMEOUT_MS, connect_ms)
@@ -1096,6 +1178,14 @@ class CurlTransport:
             slot.proxy = proxy
         start = time.monotonic()
         t = _Transfer(request, guard, read, start + connect, slot)
+        if express:
+            # The lines are collected in C, and parsed once the body begins: no Python
+            # call per header line.
+            easy.setopt(pycurl.HEADERFUNCTION, t.lines.append)
+            slot.express = True
+        elif slot.express:
+            easy.setopt(pycurl.HEADERFUNCTION, slot.on_header)
+            slot.express = False
         if host:
             t.host = host
             t.proxied = bool(proxy)
@@ -1148,16 +1238,32 @@ class CurlTransport:
 
     # -- event mode: the loop thread drives the downloads' steps ---------------------------
 
-    def runner(self, workers: int, hosts: HostLimits[Any] | None = None) -> CurlTransport:
+    def runner(
+        self,
+        workers: int,
+        hosts: HostLimits[Any] | None = None,
+        pipeline: Pipeline | None = None,
+    ) -> CurlTransport:
         """Drive downloads' steps on the loop thread, ``workers`` at once (the pool's runner).
 
         Only a step that must block (a lock another writer holds, an fsync) goes to a
         helper thread; waiting for the network, for a retry or for a host's turn holds
-        no thread at all. ``hosts``: the per-host limits, if they are on.
+        no thread at all. ``hosts``: the per-host limits, if they are on. ``pipeline``:
+        the one whose plain downloads :meth:`submit_express` may take, if any.
         """
         self._limit = workers
         self._hosts = hosts
+        # The SSRF guard checks addresses on the transfer the express lane does not make.
+        self._pipeline = pipeline if self.policy is None else None
+        if self._pipeline is not None:
+            self._express_cap = self._pipeline.express_cap
+            self._express_seconds = self._pipeline.express_limit()
         return self
+
+    @property
+    def takes_express(self) -> bool:
+        """Whether :meth:`submit_express` may be called."""
+        return self._pipeline is not None
 
     def submit(self, start: Callable[[], Steps[T]], ticket: Ticket | None = None) -> Future[T]:
         """Queue the steps ``start()`` makes; the future gets what they end with.
@@ -1168,6 +1274,24 @@ class CurlTransport:
             RuntimeError: the transport is closed.
         """
         future: Future[T] = _LoopFuture(self)
+        self._push(future, start, ticket)
+        return future
+
+    def submit_express(self, url: str) -> Future[Any]:
+        """Queue a download of ``url`` (a string, no file name, no expectations, no stop of
+        its own) to take the express lane (see :meth:`Pipeline.express
+        <fetchpool.pipeline.Pipeline.express>`); the future gets its result.
+
+        Raises:
+            RuntimeError: the transport is closed.
+        """
+        future: Future[Any] = _LoopFuture(self)
+        self._push(future, url, None)
+        return future
+
+    def _push(
+        self, future: Future[Any], start: Callable[[], Steps[Any]] | str, ticket: Ticket | None
+    ) -> None:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("cannot submit to a closed transport")
@@ -1184,7 +1308,6 @@ class CurlTransport:
         if gone:
             self._abandon()
         self._wake()
-        return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Cancel the queued downloads (``cancel_futures``); wait for the rest (``wait``)."""
@@ -1230,7 +1353,7 @@ class CurlTransport:
             if not self._unfinished:
                 self._all_done.notify_all()
 
-    def _take_queued(self) -> list[tuple[Future[Any], Callable[[], Steps[Any]]]]:
+    def _take_queued(self) -> list[tuple[Future[Any], Callable[[], Steps[Any]] | str]]:
         """Take every queued download out (with ``_lock`` held); none has started."""
         queued = list(self._queue)
         self._queue.clear()
@@ -1281,15 +1404,19 @@ class CurlTransport:
                     ticket.finish()
                 self._finished(future)
                 continue
+            started = True
+            if isinstance(start, str):
+                self._start_express(future, start)
+                continue
             run = _Run(start(), future)
             self._runs.add(run)
-            started = True
             self._step(run, None, None)
         return started
 
     def _step(self, run: _Run, value: Any, error: BaseException | None) -> None:
         """Resume ``run`` with ``value`` (or ``error``) and go on until it must wait."""
         steps = run.steps
+        assert steps is not None
         while True:
             try:
                 effect = steps.send(value) if error is None else steps.throw(error)
@@ -1308,6 +1435,8 @@ class CurlTransport:
                         return
                     value, error = got
                 elif isinstance(effect, Send):
+                    if run.replay is not None and self._replay(run, effect):
+                        return
                     if len(self._running) >= self._limit:
                         # As many transfers as workers are in flight (the runs that
                         # are writing files let a successor start): wait for room.
@@ -1394,8 +1523,12 @@ class CurlTransport:
         while sends and len(self._running) < self._limit:
             run = sends.popleft()
             effect = run.parked
-            assert isinstance(effect, Send)
             run.parked = None
+            if isinstance(effect, Request):  # an express download's
+                self._send_express(run, effect)
+                sent = True
+                continue
+            assert isinstance(effect, Send)
             try:
                 self._send(run, effect)
             except Exception as exc:  # noqa: BLE001 - thrown into the steps, which decide
@@ -1403,6 +1536,191 @@ class CurlTransport:
             else:
                 sent = True
         return sent
+
+    # -- the express lane: plain downloads without the steps (loop thread) ----------------
+
+    def _express_steps(self, url: str) -> Steps[Any]:
+        """The steps of an express download taken out of the queue unstarted."""
+        assert self._pipeline is not None
+        return self._pipeline.steps_of(url, None)
+
+    def _start_express(self, future: Future[Any], url: str) -> None:
+        """Start the download of ``url`` in the express lane, or through the steps where
+        it cannot take it (see :meth:`Pipeline.express <fetchpool.pipeline.Pipeline.express>`)."""
+        pipeline = self._pipeline
+        assert pipeline is not None
+        got = pipeline.express(url)
+        if not isinstance(got, tuple):  # refused: its result
+            self._conclude(future, got, None)
+            return
+        task, lock = got
+        run = _Run(None, future)
+        run.task = task
+        run.lock = lock
+        self._runs.add(run)
+        if lock is None:
+            self._hand_on(run, None)
+            self._step(run, None, None)
+            return
+        request = pipeline.express_request(task)
+        if len(self._running) >= self._limit:
+            run.parked = request  # room comes with the next transfer's end
+            self._sends.append(run)
+            return
+        self._send_express(run, request)
+
+    def _send_express(self, run: _Run, request: Request) -> None:
+        """Hand an express download's request to libcurl (there is room for it)."""
+        task = run.task
+        if task.cancel.is_set():
+            self._convert(run, None)  # the steps end it as cancelled
+            return
+        try:
+            slot, t = self._prepare(request, None, express=True)
+        except Exception:  # noqa: BLE001 - the steps meet it again in their request, and say so
+            self._convert(run, None)
+            return
+        t.express = run
+        run.parked = t
+        run.seen = 0
+        assert task.began is not None
+        run.deadline = task.began[0] + self._express_seconds
+        self.idle_check_by(run.deadline)
+        self._add(slot, t)
+
+    def express_write(self, t: _Transfer, data: bytes) -> int | None:
+        """Keep a block of an express transfer's body (in libcurl's write callback).
+
+        At the first block the headers are all in: a non-2xx answer ends there (only a
+        2xx body is ever read, DESIGN rule 7), and a body that is no plain one, or grows
+        past the express lane's cap, goes on as a transfer of the steps.
+        """
+        if not t.ready:
+            t.parse_lines()
+            run = t.express
+            assert run is not None
+            if not 200 <= t.status < 300:
+                run.length = NOT_PLAIN
+                return 0
+            pipeline = self._pipeline
+            assert pipeline is not None
+            run.length = pipeline.express_length(t.status, t.headers, t.request.shown)
+            if run.length == NOT_PLAIN:
+                return self._promote(t, data)
+        size = t.buffered + len(data)
+        if size > self._express_cap:
+            return self._promote(t, data)
+        t.chunks.append(data)
+        t.buffered = size
+        return None
+
+    def _promote(self, t: _Transfer, data: bytes) -> int | None:
+        """Make the express transfer ``t`` one of the steps', live: its steps take it
+        once this turn of libcurl is over (see :meth:`_settle_express`)."""
+        run = t.express
+        assert run is not None
+        t.express = None
+        self._due.append(run)
+        with t.lock:
+            return _Slot._buffer(t, data)
+
+    def express_due(self, run: _Run) -> None:
+        """The express transfer of ``run`` ended: settle it after this turn (loop thread)."""
+        self._due.append(run)
+
+    def _settle_express(self) -> None:
+        """Write the express downloads whose transfer ended well; hand the others on.
+
+        As for the steps' downloads, the next requests go out first (see
+        :meth:`_send_successors`).
+        """
+        due, self._due = self._due, []
+        pipeline = self._pipeline
+        assert pipeline is not None
+        ended = 0
+        for run in due:
+            ended += cast(_Transfer, run.parked).done
+        if ended and (self._sends or self._has_queued()):
+            sent = self._resume_sends()
+            if self._start_runs(extra=ended) or sent:
+                self._push_requests()
+        for run in due:
+            t = run.parked
+            assert isinstance(t, _Transfer)
+            result = None
+            if t.express is not None:  # ended in the express lane (not promoted)
+                t.express = None
+                if not t.code:
+                    if not t.ready:  # no body came: its headers are still unread
+                        t.parse_lines()
+                        run.length = pipeline.express_length(t.status, t.headers, t.request.shown)
+                    chunks = t.chunks
+                    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    assert run.lock is not None
+                    try:
+                        if run.length != NOT_PLAIN:
+                            result = pipeline.finish_express(
+                                run.task, run.lock, t.headers, run.length, body
+                            )
+                    except Exception:  # the steps meet it again, and make it the URL's error
+                        log.debug(
+                            "express lane: finishing %s failed", t.request.shown, exc_info=True
+                        )
+            if result is None:
+                self._convert(run, t)
+                continue
+            run.lock = None
+            self._give_back(t.slot)
+            self._runs.discard(run)
+            self._conclude(run.future, result, None)
+            self._start_early()
+
+    def _hand_on(self, run: _Run, t: _Transfer | None) -> None:
+        """Give an express download its steps, ``t`` (if any) to answer their first
+        request with; they go on under its lock (no other writer comes in between)."""
+        run.task.held = run.lock
+        run.lock = None
+        assert self._pipeline is not None
+        run.steps = self._pipeline.steps(run.task)
+        run.replay = t
+        run.parked = None
+
+    def _convert(self, run: _Run, t: _Transfer | None) -> None:
+        """Go on with an express download through its steps (see :meth:`_hand_on`)."""
+        self._hand_on(run, t)
+        self._step(run, None, None)
+
+    def _replay(self, run: _Run, effect: Send) -> bool:
+        """Answer the first request of a download handed on from the express lane with
+        its express transfer; ``False`` if the request is another one (a ``Range``...),
+        which then goes out as usual (the express transfer is closed)."""
+        t = run.replay
+        assert t is not None
+        run.replay = None
+        request = effect.request
+        if request.url != t.request.url or request.headers != t.request.headers:
+            self.post("close", t.slot, t)
+            return False
+        t.request = request
+        # Its deadline counts from the express request (Task.began): if that ended the
+        # transfer, the guard has fired already, and the error names the deadline.
+        t.guard = effect.guard
+        t.run = run
+        run.parked = t
+        if not t.done:
+            effect.guard.on_fire(partial(self.post, "abort", t.slot, t))
+        got = self._answer(t)
+        if got is not None:
+            run.parked = None
+            self._step(run, *got)
+        return True
+
+    def _stop_express(self) -> None:
+        """End the express transfers of downloads cancelled (their steps say so)."""
+        for slot in list(self._running.values()):
+            t = slot.transfer
+            if t is not None and t.express is not None and t.express.task.cancel.is_set():
+                self._remove(slot, (pycurl.E_ABORTED_BY_CALLBACK, "stopped"), "timeout")
 
     def _sink(self, effect: Splice) -> tuple[Any, BaseException | None] | None:
         """Start writing a big body into its file as it arrives (sink mode).
@@ -1644,6 +1962,12 @@ class CurlTransport:
 
     def _run_done(self, run: _Run, value: Any, error: BaseException | None) -> None:
         self._runs.discard(run)
+        replay = run.replay
+        if replay is not None:
+            # Handed on from the express lane, the steps ended before their first
+            # request (cancelled, or a file found there meanwhile): the transfer goes.
+            run.replay = None
+            self.post("close", replay.slot, replay)
         self._conclude(run.future, value, error)
 
     def _conclude(self, future: Future[Any], value: Any, error: BaseException | None) -> None:
@@ -1690,6 +2014,8 @@ class CurlTransport:
     def _wake_sleepers(self, now: float) -> None:
         with self._lock:
             rouse, self._rouse = self._rouse, False
+        if rouse:
+            self._stop_express()
         if rouse and self._sleepers:
             woken = [e for e in self._sleepers if e[3].is_set()]
             self._sleepers = [e for e in self._sleepers if not e[3].is_set()]
@@ -1723,7 +2049,13 @@ class CurlTransport:
         self._sleepers.clear()
         self._sends.clear()
         self._admits.clear()
+        self._due.clear()
         for run in runs:
+            if run.steps is None:
+                # In the express lane: on through the steps, whose request fails at once.
+                self._hand_on(run, None)
+                self._fall_back(run, None, None)
+                continue
             parked = run.parked
             if isinstance(parked, _Transfer):
                 got = self._answer(parked)
@@ -1748,7 +2080,8 @@ class CurlTransport:
             # A run in a blocking call falls back when the call returns (_unblocked).
         for future, start in queued:
             if future.set_running_or_notify_cancel():
-                self._fall_back(_Run(start(), future), None, None)
+                steps = self._express_steps(start) if isinstance(start, str) else start()
+                self._fall_back(_Run(steps, future), None, None)
             else:
                 self._finished(future)
 
@@ -1782,6 +2115,7 @@ class CurlTransport:
                     self._fallers -= spawned
                     return
                 run, value, error = self._falling.popleft()
+            assert run.steps is not None  # the express lane's are handed on before
             if spawned:
                 try:
                     result = run_steps(run.steps, self, value, error)
@@ -1791,6 +2125,11 @@ class CurlTransport:
                     outcome = (result, None)
             else:
                 run.steps.close()  # its claims, lock and temporary file go
+                task = getattr(run, "task", None)
+                if task is not None and self._pipeline is not None:
+                    # Handed on from the express lane, never started: close() ran none
+                    # of the steps' cleanup.
+                    self._pipeline.abandon(task)
                 outcome = (None, RuntimeError("no thread to finish the download on"))
             self._conclude(run.future, *outcome)
 
@@ -1887,7 +2226,10 @@ class CurlTransport:
 
     def _pay_wakes(self) -> None:
         # Resuming a download may owe more wake-ups (another transfer's end, say).
-        while self._owed:
+        while self._owed or self._due:
+            if self._due:
+                self._settle_express()
+                continue
             owed, self._owed = self._owed, []
             if self._sends or self._has_queued():
                 self._send_successors(owed)
@@ -2059,7 +2401,7 @@ class CurlTransport:
                 self._give_back(slot)
 
     def _add(self, slot: _Slot, t: _Transfer) -> None:
-        if t.guard.fired:
+        if t.guard is not None and t.guard.fired:
             # Cancelled or past its deadline before it could start.
             t.finish(pycurl.E_ABORTED_BY_CALLBACK, "stopped", "timeout")
         elif not t.done and not t.closed:
@@ -2136,6 +2478,19 @@ class CurlTransport:
             t = slot.transfer
             if t is None or t.paused:
                 continue
+            run = t.express
+            if run is not None:
+                # An express transfer has no guard: its deadline is watched here.
+                if run.deadline <= now:
+                    self._remove(slot, (pycurl.E_OPERATION_TIMEDOUT, "deadline"), "timeout")
+                    continue
+                nearest = min(nearest, run.deadline)
+                lines = len(t.lines)
+                if lines != run.seen:
+                    # Header lines came since the last look (collected in C, they do not
+                    # stamp the transfer as they come): not idle.
+                    run.seen = lines
+                    t.active = now
             limit = t.active + t.read_timeout
             if limit <= now:
                 self._remove(

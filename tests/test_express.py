@@ -1,0 +1,235 @@
+"""The curl backend's express lane: plain downloads without the pipeline's steps.
+
+A plain URL (no file name, no expectations, default-like options) is downloaded by the
+loop itself: one GET, its answer kept in memory and written at once. Whatever is not a
+plain success is handed on to the steps, with the answer received replayed as their first
+attempt's. These tests hold the hand-over to what matters: every answer ends as on the
+requests backend, and no request is sent twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from _support import listing, temp_files
+from fetchpool import (
+    Downloader,
+    HTTPStatusError,
+    NotAnImageError,
+    RetryPolicy,
+    TooLargeError,
+    TransferError,
+    download_all,
+)
+from fetchpool.backends import curl as curl_backend
+from fetchpool.pipeline import Pipeline
+from fetchpool.testing import ImageServer
+
+pytest.importorskip("pycurl")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ImageServer]:
+    with ImageServer(n_images=8) as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def fast_creation(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where creating a file is slow (a busy disk), downloads take the steps, which create
+    # it on another thread: here the express lane must be open whatever the disk.
+    monkeypatch.setattr("fetchpool.pipeline.slow_to_create", lambda directory: False)
+
+
+@pytest.fixture
+def express_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The URLs the express lane wrote itself (not handed on to the steps)."""
+    written: list[str] = []
+    finish = Pipeline.finish_express
+
+    def spy(self: Pipeline, task: object, *args: object) -> object:
+        result = finish(self, task, *args)  # type: ignore[arg-type]
+        if result is not None:
+            written.append(result.url)
+        return result
+
+    monkeypatch.setattr(Pipeline, "finish_express", spy)
+    return written
+
+
+def test_plain_urls_take_the_express_lane(
+    server: ImageServer, dest: Path, express_calls: list[str]
+) -> None:
+    urls = server.urls[:8]
+    results = download_all(urls, dest, workers=4, backend="curl")
+    assert [r.status for r in results] == ["downloaded"] * 8
+    assert sorted(express_calls) == sorted(urls)
+    for r in results:
+        assert r.path is not None
+        assert r.attempts == 1
+        assert r.path.read_bytes() == server.expected(r.url)
+        assert r.content_type is not None
+    assert temp_files(dest) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "hits"),
+    [
+        ("/status/404/a.png", HTTPStatusError, 1),
+        ("/html/b.png", NotAnImageError, 1),
+        ("/truncate/c.png", TransferError, 1),
+        ("/loop/d.png", None, 1),  # a redirect loop (its second hop is another path)
+    ],
+)
+def test_answers_handed_on_are_not_requested_again(
+    server: ImageServer,
+    dest: Path,
+    express_calls: list[str],
+    path: str,
+    error: type[Exception] | None,
+    hits: int,
+) -> None:
+    server.reset_hits()
+    url = server.url(path)
+    (result,) = download_all([url], dest, workers=2, backend="curl", retry=RetryPolicy(attempts=1))
+    assert not result.ok
+    if error is not None:
+        assert isinstance(result.error, error)
+    assert result.attempts == 1
+    assert server.hits(path) == hits
+    assert express_calls == []
+    assert listing(dest) == []
+
+
+def test_a_failure_that_heals_is_retried_once(
+    server: ImageServer, dest: Path, express_calls: list[str]
+) -> None:
+    server.reset_hits()
+    path = "/fail/1/503/e.png"
+    (result,) = download_all([server.url(path)], dest, workers=2, backend="curl")
+    assert result.status == "downloaded"
+    assert result.attempts == 2
+    assert server.hits(path) == 2  # the 503 once (replayed, not sent again), then the image
+    assert express_calls == []
+
+
+def test_a_redirect_is_followed_from_the_replayed_answer(
+    server: ImageServer, dest: Path, express_calls: list[str]
+) -> None:
+    server.reset_hits()
+    path = "/redirect/2/f.png"
+    (result,) = download_all([server.url(path)], dest, workers=2, backend="curl")
+    assert result.status == "downloaded"
+    assert server.hits(path) == 1
+    assert result.path is not None
+    assert result.path.name == "f.png"
+
+
+@pytest.mark.parametrize("size", [1024 * 1024 + 1, 3 * 1024 * 1024])
+def test_a_body_past_the_cap_goes_on_live(
+    server: ImageServer, dest: Path, express_calls: list[str], size: int
+) -> None:
+    server.reset_hits()
+    path = f"/big/g{size}.png"
+    (result,) = download_all([server.url(f"{path}?size={size}")], dest, workers=2, backend="curl")
+    assert result.status == "downloaded", result.error
+    body = server.expected(f"{path}?size={size}")
+    assert result.bytes == len(body) > 1024 * 1024
+    assert result.path is not None
+    assert result.path.read_bytes() == body
+    assert server.hits(path) == 1
+    assert express_calls == []
+
+
+def test_an_encoded_body_is_decoded_by_the_steps(
+    server: ImageServer, dest: Path, express_calls: list[str]
+) -> None:
+    (result,) = download_all([server.url("/gzip/h.png")], dest, workers=2, backend="curl")
+    assert result.status == "downloaded"
+    assert result.path is not None
+    assert result.path.read_bytes() == server.expected("/gzip/h.png")
+    assert express_calls == []
+
+
+def test_max_bytes_stops_an_express_body(server: ImageServer, dest: Path) -> None:
+    path = "/big/i.png?size=200000"
+    (result,) = download_all([server.url(path)], dest, workers=2, backend="curl", max_bytes=1000)
+    assert isinstance(result.error, TooLargeError)
+    assert listing(dest) == []
+
+
+def test_a_header_drip_past_the_deadline_names_the_deadline(
+    server: ImageServer, dest: Path
+) -> None:
+    url = server.url("/drip-headers/j.png?interval=0.05")
+    (result,) = download_all(
+        [url],
+        dest,
+        workers=2,
+        backend="curl",
+        deadline=0.4,
+        retry=RetryPolicy(attempts=1),
+    )
+    assert isinstance(result.error, TransferError)
+    assert "deadline of 0.4 s exceeded" in str(result.error)
+    assert listing(dest) == []
+
+
+def test_a_drip_within_the_read_timeout_is_not_idle(server: ImageServer, dest: Path) -> None:
+    # The express lane collects header lines in C: the idle check must see them come.
+    # A header line every 0.2 s or so, the whole head in about two seconds.
+    url = server.url("/drip-headers/k.png?interval=0.01")
+    (result,) = download_all(
+        [url], dest, workers=2, backend="curl", timeout=(5, 0.5), retry=RetryPolicy(attempts=1)
+    )
+    assert result.status == "downloaded", result.error
+
+
+def test_cancel_stops_express_transfers(server: ImageServer, dest: Path) -> None:
+    urls = [server.url(f"/slow/l{i}.png?delay=30") for i in range(4)]
+    dl = Downloader(dest, workers=4, backend="curl")
+    futures = [dl.submit(u) for u in urls]
+    deadline = time.monotonic() + 10
+    while any(server.hits(u) == 0 for u in urls) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until every request is in flight
+    dl.close(cancel=True)
+    results = [f.result(timeout=10) for f in futures]
+    assert all(not r.ok for r in results)
+    for r in results:
+        assert isinstance(r.error, TransferError)
+        assert r.error.cancelled
+    assert listing(dest) == []
+
+
+def test_a_file_already_there_is_skipped_without_a_request(server: ImageServer, dest: Path) -> None:
+    url = server.urls[0]
+    download_all([url], dest, workers=2, backend="curl")
+    server.reset_hits()
+    (result,) = download_all([url], dest, workers=2, backend="curl")
+    assert result.status == "skipped"
+    assert server.hits(url) == 0
+
+
+def test_the_express_lane_logs_each_request_once(
+    server: ImageServer, dest: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = server.url("/status/404/m.png")
+    with caplog.at_level(logging.DEBUG, logger="fetchpool"):
+        download_all([url], dest, workers=2, backend="curl", retry=RetryPolicy(attempts=1))
+    gets = [r for r in caplog.records if r.getMessage().startswith("GET ")]
+    assert len(gets) == 1
+
+
+def test_express_is_off_where_an_option_changes_the_first_attempt(
+    server: ImageServer, dest: Path, express_calls: list[str]
+) -> None:
+    urls = server.urls[:2]
+    results = download_all(urls, dest, workers=2, backend="curl", fsync=True)
+    assert all(r.status == "downloaded" for r in results)
+    assert express_calls == []
+    assert curl_backend.CurlTransport.takes_express.fget is not None
