@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 from .checksums import Expected
@@ -60,10 +60,10 @@ def download_all(
     start = time.monotonic()
     with Downloader(dest, workers, **options) as dl:
         futures = _submit_all(dl, items)
-        # One wake-up when all are done, not one per result: this thread would otherwise
-        # take the GIL from the downloads once per file.
-        wait(futures)
-        results = [fut.result() for fut in futures]
+    # Leaving the block waited for every download: one wake-up when all are done, not one
+    # per result (this thread would take the GIL from the downloads once per file), and
+    # no waiter for each future to feed.
+    results = [fut.result() for fut in futures]
     return Results(results, elapsed=time.monotonic() - start)
 
 
