@@ -32,43 +32,55 @@ class Claims:
     for the Downloader's lifetime only where no such record exists (no xattrs, a
     skipped file with no record) and for caller-given names, whose files may belong
     to an earlier run. A failed download drops its claims: it has no file to protect.
-    Kept claims grow with the names given out, so they hold digests only.
+    Kept claims grow with the names given out, so they hold digests only; claims in
+    flight (at most a few per download under way) hold the path and the URL as they are,
+    and cost no hashing.
     """
 
     def __init__(self, remember: bool) -> None:
         self.remember = remember
         self._lock = threading.Lock()
-        #: Claims in flight: path digest -> (URL digest, number of claims).
-        self._owners: dict[bytes, tuple[bytes, int]] = {}
+        #: Claims in flight: path -> (its owner: an origin URL, or the digest of the one
+        #: that kept it, if another; number of claims).
+        self._owners: dict[str, tuple[str | bytes, int]] = {}
         #: Claims kept for good: path digest -> URL digest.
         self._kept: dict[bytes, bytes] = {}
 
-    def _owner(self, key: bytes) -> bytes | None:
-        held = self._owners.get(key)
-        return held[0] if held is not None else self._kept.get(key)
+    def _taken(self, path: str, origin: str) -> bool | None:
+        """Whether another URL owns ``path`` (``None``: none does). ``_lock`` held."""
+        held = self._owners.get(path)
+        if held is not None:
+            return held[0] != origin
+        if not self._kept:
+            return None
+        kept = self._kept.get(_key(path))
+        return None if kept is None else kept != _key(origin)
 
-    def _add(self, key: bytes, origin: bytes) -> None:
-        held = self._owners.get(key)
-        if held is None:
-            self._owners[key] = (self._kept.get(key, origin), 1)
-        else:
-            self._owners[key] = (held[0], held[1] + 1)
+    def _add(self, path: str, origin: str) -> None:
+        held = self._owners.get(path)
+        if held is not None:
+            self._owners[path] = (held[0], held[1] + 1)
+            return
+        owner: str | bytes = origin
+        if self._kept:
+            kept = self._kept.get(_key(path))
+            if kept is not None and kept != _key(origin):
+                owner = kept  # still the URL that kept it
+        self._owners[path] = (owner, 1)
 
     def url_name(self, directory: Path, name: str, url: str, origin: str) -> Path:
         """Claim ``directory/name`` for ``url``, or its derived name if another URL has it."""
         path = child_path(directory, name)
-        key, mine = _key(path), _key(origin)
+        where = str(path)
         with self._lock:
-            owner = self._owner(key)
+            owned = self._taken(where, origin)
         # Looked at outside the lock: its syscalls release the GIL, and workers ending
         # their claims must not queue behind them. A stale answer is harmless, as the
         # worker decides again under the file's lock.
-        found = inspect_target(path) if owner is None else None
+        found = inspect_target(where) if owned is None else None
         with self._lock:
-            owner = self._owner(key)
-            if owner is not None:
-                taken = owner != mine
-            else:
+            taken = self._taken(where, origin)
+            if taken is None:
                 taken = (
                     found is not None
                     and found.kind == "file"
@@ -76,41 +88,40 @@ class Claims:
                 )
             if taken:
                 path = child_path(directory, derived_name(name, url))
-                key = _key(path)
-            self._add(key, mine)
+                where = str(path)
+            self._add(where, origin)
         return path
 
     def add(self, path: Path, origin: str) -> None:
         """Claim ``path`` for ``origin`` unconditionally (a URL's own derived name)."""
-        key, mine = _key(path), _key(origin)
+        where = str(path)
         with self._lock:
-            self._add(key, mine)
+            self._add(where, origin)
 
     def caller_name(self, path: Path, origin: str) -> bool:
         """Claim a caller-given path; ``False`` if another URL of this run has it."""
-        key, mine = _key(path), _key(origin)
+        where = str(path)
         with self._lock:
-            owner = self._owner(key)
-            if owner is not None and owner != mine:
+            if self._taken(where, origin):
                 return False
-            self._add(key, mine)
+            self._add(where, origin)
             return True
 
     def release(self, path: Path, origin: str, *, keep: bool) -> None:
         """End one claim of ``origin`` on ``path``; ``keep`` remembers the name for good."""
-        key, mine = _key(path), _key(origin)
+        where = str(path)
         with self._lock:
-            held = self._owners.get(key)
-            if held is None or held[0] != mine:
+            held = self._owners.get(where)
+            if held is None or held[0] != origin:
                 return
             if keep:
-                self._kept[key] = mine
+                self._kept[_key(where)] = _key(origin)
             if held[1] <= 1:
-                del self._owners[key]
+                del self._owners[where]
             else:
-                self._owners[key] = (mine, held[1] - 1)
+                self._owners[where] = (origin, held[1] - 1)
 
     def __len__(self) -> int:
         """The number of names claimed now or kept (for tests and diagnostics)."""
         with self._lock:
-            return len(self._owners.keys() | self._kept.keys())
+            return len({_key(path) for path in self._owners} | self._kept.keys())
