@@ -233,3 +233,19 @@ def test_express_is_off_where_an_option_changes_the_first_attempt(
     assert all(r.status == "downloaded" for r in results)
     assert express_calls == []
     assert curl_backend.CurlTransport.takes_express.fget is not None
+
+
+def test_a_download_cancelled_before_it_started_says_failed(
+    server: ImageServer, dest: Path, each_backend: str
+) -> None:
+    events: list[tuple[str, str]] = []
+    slow = server.url("/slow/n.png?delay=1")
+    queued = server.url("/any/o.png")
+    with Downloader(dest, workers=1, progress=lambda e: events.append((e.url, e.state))) as dl:
+        first = dl.submit(slow)
+        second = dl.submit(queued)
+        assert second.cancel()
+        assert first.result(timeout=10).ok
+    assert second.cancelled()
+    assert [state for url, state in events if url == queued] == ["started", "failed"]
+    assert listing(dest) == ["n.png"]

@@ -147,7 +147,9 @@ class Downloader:
         )
         self._loop_prepares = make_runner is not None
         # A runner with an express lane takes plain URLs there (see Pipeline.express).
-        self._express: Callable[[str], Future[DownloadResult]] | None = (
+        self._express: (
+            Callable[[str, Callable[[str, Future[Any]], None]], Future[DownloadResult]] | None
+        ) = (
             getattr(self._runner, "submit_express", None)
             if getattr(self._runner, "takes_express", False)
             else None
@@ -233,9 +235,7 @@ class Downloader:
             and stop is None
             and type(url) is str
         ):
-            future = express(url)
-            on_done(future, partial(self._settle_cancelled, None, url))
-            return future
+            return express(url, self._express_cancelled)
         hosts = self._hosts
         ticket = None if hosts is None or not isinstance(url, str) else hosts.ticket(url)
         if self._loop_prepares:
@@ -259,6 +259,9 @@ class Downloader:
             raise
         on_done(future, partial(self._settle_cancelled, task, task.url))
         return future
+
+    def _express_cancelled(self, url: str, future: Future[Any]) -> None:
+        self._settle_cancelled(None, url, future)
 
     def _settle_cancelled(
         self, task: Task | None, url: object, future: Future[DownloadResult]

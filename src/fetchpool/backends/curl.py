@@ -331,6 +331,11 @@ class _LoopFuture(Future[T]):
     on any future; fetchpool's own quick ones use :func:`fetchpool.backends.on_done`.
     """
 
+    # An express download's (see CurlTransport.submit_express): its URL, and what is
+    # called if it is cancelled before it started (class attributes: set only there).
+    url: str | None = None
+    on_cancel: Callable[[str, Future[Any]], None] | None = None
+
     def __init__(self, transport: CurlTransport) -> None:
         super().__init__()
         self._transport = transport
@@ -341,6 +346,18 @@ class _LoopFuture(Future[T]):
         # the future itself, a cycle only the garbage collector breaks, and with it the
         # callers' callbacks (the Downloader's) would outlive the future for a while.
         super().add_done_callback(_LoopFuture._hand_off)
+
+    def cancel(self) -> bool:
+        """Cancel the download if it has not started (see :meth:`Future.cancel`)."""
+        cancelled = super().cancel()
+        on_cancel = self.on_cancel
+        if cancelled and on_cancel is not None:
+            # Here rather than as a done-callback added to each future: one a file,
+            # for a cancel that almost never comes.
+            self.on_cancel = None
+            assert self.url is not None
+            on_cancel(self.url, self)
+        return cancelled
 
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
         with self._condition:
@@ -1277,15 +1294,21 @@ class CurlTransport:
         self._push(future, start, ticket)
         return future
 
-    def submit_express(self, url: str) -> Future[Any]:
+    def submit_express(
+        self, url: str, on_cancel: Callable[[str, Future[Any]], None]
+    ) -> Future[Any]:
         """Queue a download of ``url`` (a string, no file name, no expectations, no stop of
         its own) to take the express lane (see :meth:`Pipeline.express
         <fetchpool.pipeline.Pipeline.express>`); the future gets its result.
 
+        ``on_cancel(url, future)`` is called if the future is cancelled before it started.
+
         Raises:
             RuntimeError: the transport is closed.
         """
-        future: Future[Any] = _LoopFuture(self)
+        future: _LoopFuture[Any] = _LoopFuture(self)
+        future.url = url
+        future.on_cancel = on_cancel
         self._push(future, url, None)
         return future
 
