@@ -9,26 +9,33 @@ requests backend, and no request is sent twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from _support import listing, temp_files
 from fetchpool import (
     Downloader,
+    DownloadResult,
     HTTPStatusError,
     NotAnImageError,
     RetryPolicy,
+    StorageError,
     TooLargeError,
     TransferError,
     download_all,
 )
 from fetchpool.backends import curl as curl_backend
 from fetchpool.pipeline import Pipeline
+from fetchpool.storage import LOCK_FILE_NAME
 from fetchpool.testing import ImageServer
+from test_curl_backend import PNG_SIGNATURE, RawServer
 
 pytest.importorskip("pycurl")
 
@@ -249,3 +256,104 @@ def test_a_download_cancelled_before_it_started_says_failed(
     assert second.cancelled()
     assert [state for url, state in events if url == queued] == ["started", "failed"]
     assert listing(dest) == ["n.png"]
+
+
+# ----------------------------------------------------------- the same as the steps give
+
+
+def _answer_ending_at_headers(status: bytes, extra: bytes = b"") -> Callable[[socket.socket], None]:
+    """A route: ``status`` with headers announcing a body that never comes (until the
+    client leaves)."""
+
+    def route(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 100\r\n" + extra + b"\r\n")
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    return route
+
+
+def _run(url: str, express: bool, dest: Path, **options: Any) -> tuple[DownloadResult, list[Any]]:
+    events: list[tuple[str, int, int | None]] = []
+    with Downloader(
+        dest,
+        workers=2,
+        backend="curl",
+        progress=lambda e: events.append((e.state, e.bytes, e.total)),
+        **options,
+    ) as dl:
+        if not express:
+            dl._express = None  # the steps alone
+        result = dl.submit(url).result(timeout=30)
+    return result, events
+
+
+RAW_ANSWERS: dict[str, Any] = {
+    # Headers all in, then the connection closes: a truncated body, not "no response".
+    "/headers-then-close": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n"
+    ),
+    # A 503 whose body never comes: the status at once (libcurl's FAILONERROR).
+    "/503-stalled": _answer_ending_at_headers(b"503 Service Unavailable", b"Retry-After: 7\r\n"),
+    # Bare newlines, an informational answer first.
+    "/lf-100": (
+        b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\nContent-Type: image/png\n"
+        b"Content-Length: 16\n\n" + PNG_SIGNATURE + bytes(8)
+    ),
+    # An empty body (verify=None): no progress event with no bytes.
+    "/empty": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("path", sorted(RAW_ANSWERS))
+def test_the_express_lane_ends_as_the_steps_do(tmp_path: Path, path: str) -> None:
+    with RawServer() as raw:
+        raw.routes.update(RAW_ANSWERS)
+        url = raw.url(path)
+        options: dict[str, Any] = {"retry": RetryPolicy(attempts=1), "timeout": (5, 3)}
+        if path == "/empty":
+            options["verify"] = None
+        start = time.monotonic()
+        express, express_events = _run(url, True, tmp_path / "express", **options)
+        took = time.monotonic() - start
+        steps, steps_events = _run(url, False, tmp_path / "steps", **options)
+    assert (express.status, express.attempts, express.bytes) == (
+        steps.status,
+        steps.attempts,
+        steps.bytes,
+    )
+    assert type(express.error) is type(steps.error)
+    assert str(express.error) == str(steps.error)
+    assert express_events == steps_events
+    assert listing(tmp_path / "express") == listing(tmp_path / "steps")
+    assert took < 2.5, f"{path}: {took:.1f} s, the read timeout is 3 s"
+
+
+def test_a_lock_that_cannot_be_taken_fails_the_url_not_the_loop(
+    server: ImageServer, dest: Path
+) -> None:
+    (dest / LOCK_FILE_NAME).mkdir()  # no lock file can be made there
+    url = server.urls[0]
+    with Downloader(dest, workers=2, backend="curl") as dl:
+        result = dl.submit(url).result(timeout=10)
+        other = dl.submit(server.urls[1]).result(timeout=10)
+    assert isinstance(result.error, StorageError)
+    assert result.attempts == 0
+    assert isinstance(other.error, StorageError)
+
+
+def test_a_cancelled_express_download_counts_its_attempt(server: ImageServer, dest: Path) -> None:
+    url = server.url("/slow/p.png?delay=30")
+    dl = Downloader(dest, workers=2, backend="curl")
+    future = dl.submit(url)
+    deadline = time.monotonic() + 10
+    while server.hits(url) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.monotonic()
+    dl.close(cancel=True)
+    assert time.monotonic() - start < 0.5
+    result = future.result(timeout=0)
+    assert isinstance(result.error, TransferError)
+    assert result.error.cancelled
+    assert result.attempts == 1

@@ -293,12 +293,19 @@ class Pipeline:
         lock = PathLock(
             directory, lock_key(task.path), task.cancel, task.shown, timeout=self.opts.retry.budget
         )
-        if not lock.acquire(blocking=False):
+        try:
+            if not lock.acquire(blocking=False):
+                return task, None
+        except Exception:  # noqa: BLE001 - the steps meet it again (no lock file...), and say so
             return task, None
         path = task.path
-        if inspect_target(path).kind != "none" or (
-            self.opts.overwrite == "error" and os.path.islink(path)
-        ):
+        try:
+            plain = inspect_target(path).kind == "none" and not (
+                self.opts.overwrite == "error" and os.path.islink(path)
+            )
+        except OSError:
+            plain = False
+        if not plain:
             lock.release()
             return task, None
         task.began = time.monotonic(), CLOCK.monotonic()
@@ -365,11 +372,13 @@ class Pipeline:
         path = task.path
         began = task.began
         assert began is not None
+        url = task.url
         try:
             tmp = TempFile(task.directory, lock.key, shown)
             try:
-                if body:
+                if body:  # with the event the steps send once the head is written
                     tmp.write(body)
+                    self._emit(url, size, None if length == NO_LENGTH else length, "progress")
                 recorded = tmp.commit(path, task.origin, False)
             except BaseException:
                 tmp.discard()
@@ -383,9 +392,8 @@ class Pipeline:
         lock.release()
         content_type = headers.get("Content-Type")
         self.release_claims(task, Outcome("downloaded", path, size, content_type, recorded))
-        self._emit(task.url, size, None if length == NO_LENGTH else length, "progress")
         result = DownloadResult.downloaded(
-            task.url, path, size, 1, time.monotonic() - began[0], content_type
+            url, path, size, 1, time.monotonic() - began[0], content_type
         )
         self._finish(result)
         return result
@@ -463,8 +471,7 @@ class Pipeline:
         held, task.held = task.held, None
         if held is not None:
             try:
-                if task.cancel.is_set():
-                    raise Cancelled
+                # No cancel check here: the attempt makes it, and counts itself (it began).
                 assert task.began is not None
                 start = task.began[1]
                 return (yield from self._with_retries(task, task.path, held.key, attempts, start))

@@ -101,6 +101,10 @@ _TLS_REFUSED = frozenset(
     }
 )
 _MALFORMED = frozenset({_E_WEIRD_SERVER_REPLY, pycurl.E_BAD_CONTENT_ENCODING})
+#: An express transfer's length before its headers were looked at.
+_UNSET = -3
+# What ends a transfer at a non-2xx answer's headers, on purpose.
+_ENDED_AT_HEADERS = frozenset({pycurl.E_WRITE_ERROR, pycurl.E_HTTP_RETURNED_ERROR})
 # What a TLS handshake that the network broke (not the peer refused) says.
 _TLS_DROPPED_WORDS = ("SSL_ERROR_SYSCALL", "unexpected eof", "reset by peer", "Connection reset")
 
@@ -529,7 +533,8 @@ class _Transfer:
         try:
             blank = lines.index(b"\r\n")
         except ValueError:
-            blank = end
+            # Bare newlines, or no blank line (yet): the first blank line, if any.
+            blank = next((i for i, line in enumerate(lines) if line in _BLANK_LINES), end)
         if blank >= end - 1:
             head = lines[:blank]  # the usual: one answer, no informational one before
         else:
@@ -1197,11 +1202,15 @@ class CurlTransport:
         t = _Transfer(request, guard, read, start + connect, slot)
         if express:
             # The lines are collected in C, and parsed once the body begins: no Python
-            # call per header line.
+            # call per header line. A 4xx or 5xx answer ends at its headers all the same
+            # (libcurl's FAILONERROR): the steps get it at once, with its Retry-After.
             easy.setopt(pycurl.HEADERFUNCTION, t.lines.append)
-            slot.express = True
+            if not slot.express:
+                easy.setopt(pycurl.FAILONERROR, 1)
+                slot.express = True
         elif slot.express:
             easy.setopt(pycurl.HEADERFUNCTION, slot.on_header)
+            easy.setopt(pycurl.FAILONERROR, 0)
             slot.express = False
         if host:
             t.host = host
@@ -1572,7 +1581,11 @@ class CurlTransport:
         it cannot take it (see :meth:`Pipeline.express <fetchpool.pipeline.Pipeline.express>`)."""
         pipeline = self._pipeline
         assert pipeline is not None
-        got = pipeline.express(url)
+        try:
+            got = pipeline.express(url)
+        except Exception as exc:  # noqa: BLE001 - a bug: the future's, as _step makes it
+            self._conclude(future, None, exc)
+            return
         if not isinstance(got, tuple):  # refused: its result
             self._conclude(future, got, None)
             return
@@ -1606,6 +1619,7 @@ class CurlTransport:
         t.express = run
         run.parked = t
         run.seen = 0
+        run.length = _UNSET
         assert task.began is not None
         run.deadline = task.began[0] + self._express_seconds
         self.idle_check_by(run.deadline)
@@ -1674,8 +1688,9 @@ class CurlTransport:
             if t.express is not None:  # ended in the express lane (not promoted)
                 t.express = None
                 if not t.code:
-                    if not t.ready:  # no body came: its headers are still unread
+                    if not t.ready:
                         t.parse_lines()
+                    if run.length == _UNSET:  # no body came: its headers were not looked at
                         run.length = pipeline.express_length(t.status, t.headers, t.request.shown)
                     chunks = t.chunks
                     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -2348,6 +2363,7 @@ class CurlTransport:
                     wait = 0.0
             if (
                 self._commands
+                or self._due
                 or self._blocked
                 or (self._has_room() and self._has_queued())
                 or (self._sends and len(self._running) < self._limit)
@@ -2462,13 +2478,15 @@ class CurlTransport:
         if slot is None:  # pragma: no cover - libcurl reports only handles it was given
             return
         t = slot.transfer
-        if (
-            t is not None
-            and code == pycurl.E_WRITE_ERROR
-            and t.ready
-            and not (200 <= t.status < 300)
-        ):
-            # Our own header callback ended a non-2xx answer: the headers are all in.
+        if t is not None and t.express is not None and not t.ready:
+            lines = t.lines
+            if lines and lines[-1] in _BLANK_LINES:
+                # The headers are all in (no body came, or it broke off): take them, as
+                # the steps' header callback would have.
+                t.parse_lines()
+        if t is not None and code in _ENDED_AT_HEADERS and t.ready and not 200 <= t.status < 300:
+            # Our own header callback (or libcurl's FAILONERROR, in the express lane)
+            # ended a non-2xx answer: the headers are all in.
             code, message = 0, ""
         failure: Failure | None = None
         if code == _E_WEIRD_SERVER_REPLY and easy.getinfo(pycurl.NUM_CONNECTS) == 0:
