@@ -1105,7 +1105,10 @@ class CurlTransport:
     def _wake(self) -> None:
         """Make the loop look at its commands soon (it does anyway when this is it)."""
         # get_ident() is C; current_thread() is a Python call, twice a file here.
-        if threading.get_ident() == self._loop_ident:
+        if self._woken or threading.get_ident() == self._loop_ident:
+            # A wake-up is on its way already (read without the lock: what the caller
+            # queued before this read is there before the loop clears the flag, after
+            # its read of the pipe, and so before it looks at its work again).
             return
         with self._lock:
             wake = not self._woken
