@@ -349,7 +349,9 @@ class _LoopFuture(Future[T]):
         # A function, not a bound method: the future's callback list would then hold
         # the future itself, a cycle only the garbage collector breaks, and with it the
         # callers' callbacks (the Downloader's) would outlive the future for a while.
-        super().add_done_callback(_LoopFuture._hand_off)
+        # Put in the list directly: nobody else has the future yet, and add_done_callback
+        # would take its Condition (two Python calls) for nothing, once a file.
+        self._done_callbacks.append(_LoopFuture._hand_off)  # type: ignore[attr-defined]
 
     def cancel(self) -> bool:
         """Cancel the download if it has not started (see :meth:`Future.cancel`)."""
