@@ -194,3 +194,17 @@ def test_a_filesystem_without_record_locks_is_a_storage_error(
     with PathLock(tmp_path, "a" * 20):
         pass
     assert listing(tmp_path) == []
+
+
+def test_a_lock_says_whether_it_is_held(tmp_path: Path) -> None:
+    lock = PathLock(tmp_path, lock_key(tmp_path / "held.png"))
+    assert not lock.held
+    assert lock.acquire(blocking=False)
+    assert lock.held
+    other = PathLock(tmp_path, lock_key(tmp_path / "held.png"))
+    assert not other.acquire(blocking=False)
+    assert not other.held
+    lock.release()
+    assert not lock.held
+    lock.release()  # idempotent
+    assert not lock.held

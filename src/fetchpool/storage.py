@@ -459,6 +459,11 @@ class PathLock:
             return None
         return entry
 
+    @property
+    def held(self) -> bool:
+        """Whether the lock is held (acquired, and not released since)."""
+        return self._tlock is not None
+
     def release(self) -> None:
         """Release the lock."""
         entry, tlock = self._entry, self._tlock

@@ -1721,8 +1721,11 @@ class CurlTransport:
     def _hand_on(self, run: _Run, t: _Transfer | None) -> None:
         """Give an express download its steps, ``t`` (if any) to answer their first
         request with; they go on under its lock (no other writer comes in between)."""
-        run.task.held = run.lock
+        lock = run.lock
         run.lock = None
+        # Not if finishing it released the lock already (and then failed): the steps
+        # take it again.
+        run.task.held = lock if lock is not None and lock.held else None
         assert self._pipeline is not None
         run.steps = self._pipeline.steps(run.task)
         run.replay = t
