@@ -152,7 +152,7 @@ def floor(urls: list[str], dest: Path) -> None:
         os.close(fd)
         fcntl.lockf(lock_fd, fcntl.LOCK_UN, 1, offset)
         future.set_result(
-            DownloadResult.downloaded(
+            DownloadResult._downloaded(
                 url, path, len(body), 1, time.monotonic() - began, content_type
             )
         )

@@ -392,7 +392,7 @@ class Pipeline:
         lock.release()
         content_type = headers.get("Content-Type")
         self.release_claims(task, Outcome("downloaded", path, size, content_type, recorded))
-        result = DownloadResult.downloaded(
+        result = DownloadResult._downloaded(
             url, path, size, 1, time.monotonic() - began[0], content_type
         )
         self._finish(result)

@@ -68,7 +68,7 @@ class DownloadResult:
         return _repr_fields(self, names + hashes)
 
     @classmethod
-    def downloaded(
+    def _downloaded(
         cls,
         url: str,
         path: Path,
