@@ -357,3 +357,20 @@ def test_a_cancelled_express_download_counts_its_attempt(server: ImageServer, de
     assert isinstance(result.error, TransferError)
     assert result.error.cancelled
     assert result.attempts == 1
+
+
+def test_a_body_stalled_past_the_deadline_fails_as_the_steps_say(tmp_path: Path) -> None:
+    # Headers all in, the body never comes: the loop ends the transfer at the deadline,
+    # and the error says "while reading", as it does through the steps.
+    with RawServer() as raw:
+        raw.routes["/stalled"] = _answer_ending_at_headers(
+            b"200 OK", b"Content-Type: image/png\r\n"
+        )
+        url = raw.url("/stalled")
+        options: dict[str, Any] = {"retry": RetryPolicy(attempts=1), "deadline": 0.5}
+        express, express_events = _run(url, True, tmp_path / "express", **options)
+        steps, steps_events = _run(url, False, tmp_path / "steps", **options)
+    assert isinstance(express.error, TransferError)
+    assert str(express.error) == str(steps.error)
+    assert "while reading" in str(express.error)
+    assert (express.attempts, express_events) == (steps.attempts, steps_events)

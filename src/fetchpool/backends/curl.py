@@ -511,6 +511,7 @@ class _Transfer:
 
     def finish(self, code: int, message: str, failure: Failure | None = None) -> None:
         """Mark the transfer ended (loop thread) and wake whoever waits on it."""
+        self.take_head()
         with self.lock:
             if self.spooled and self.sink is not None:
                 self.slot.flush(self, self.sink)
@@ -526,6 +527,15 @@ class _Transfer:
             self.slot.transport.owe_wake(self)
         elif self.express is not None:
             self.slot.transport.express_due(self.express)
+
+    def take_head(self) -> None:
+        """Parse an express transfer's headers if they are all in and were not parsed (no
+        body came, or it broke off, or the loop ended it): as the steps' header callback
+        would have, so that its end is told as theirs is ("while reading")."""
+        if self.express is not None and not self.ready:
+            lines = self.lines
+            if lines and lines[-1] in _BLANK_LINES:
+                self.parse_lines()
 
     def parse_lines(self) -> None:
         """Take the final answer's status and headers from ``lines`` (express mode, where
@@ -1693,8 +1703,6 @@ class CurlTransport:
             if t.express is not None:  # ended in the express lane (not promoted)
                 t.express = None
                 if not t.code:
-                    if not t.ready:
-                        t.parse_lines()
                     if run.length == _UNSET:  # no body came: its headers were not looked at
                         run.length = pipeline.express_length(t.status, t.headers, t.request.shown)
                     chunks = t.chunks
@@ -2486,12 +2494,8 @@ class CurlTransport:
         if slot is None:  # pragma: no cover - libcurl reports only handles it was given
             return
         t = slot.transfer
-        if t is not None and t.express is not None and not t.ready:
-            lines = t.lines
-            if lines and lines[-1] in _BLANK_LINES:
-                # The headers are all in (no body came, or it broke off): take them, as
-                # the steps' header callback would have.
-                t.parse_lines()
+        if t is not None:
+            t.take_head()
         if t is not None and code in _ENDED_AT_HEADERS and t.ready and not 200 <= t.status < 300:
             # Our own header callback (or libcurl's FAILONERROR, in the express lane)
             # ended a non-2xx answer: the headers are all in.
