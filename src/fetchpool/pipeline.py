@@ -290,9 +290,7 @@ class Pipeline:
         directory = task.directory
         if task.cancel.is_set() or "@" in task.url or slow_to_create(directory):
             return task, None
-        lock = PathLock(
-            directory, lock_key(task.path), task.cancel, task.shown, timeout=self.opts.retry.budget
-        )
+        lock = self._path_lock(task, task.path)
         try:
             if not lock.acquire(blocking=False):
                 return task, None
@@ -522,6 +520,12 @@ class Pipeline:
         if removed:
             log.info("removed %d leftover temporary file(s) in %s", removed, directory)
 
+    def _path_lock(self, task: Task, path: Path) -> PathLock:
+        """The lock of ``path`` (in ``task``'s directory) for ``task``, not taken yet."""
+        return PathLock(
+            task.directory, lock_key(path), task.cancel, task.shown, timeout=self.opts.retry.budget
+        )
+
     def _settle(
         self, task: Task, path: Path, idle: bool = False
     ) -> Steps[tuple[PathLock | None, Path, Outcome | None]]:
@@ -533,9 +537,7 @@ class Pipeline:
         shown = task.shown
         may_derive = not task.caller_named
         while True:
-            lock = PathLock(
-                task.directory, lock_key(path), task.cancel, shown, timeout=self.opts.retry.budget
-            )
+            lock = self._path_lock(task, path)
             if not lock.acquire(blocking=False):
                 # Another writer has it: wait where waiting holds up no other download
                 # (nor, with a rate, the next download of this host).

@@ -1610,8 +1610,7 @@ class CurlTransport:
         run.lock = lock
         self._runs.add(run)
         if lock is None:
-            self._hand_on(run, None)
-            self._step(run, None, None)
+            self._convert(run, None)
             return
         request = pipeline.express_request(task)
         if len(self._running) >= self._limit:
@@ -1689,13 +1688,8 @@ class CurlTransport:
         due, self._due = self._due, []
         pipeline = self._pipeline
         assert pipeline is not None
-        ended = 0
-        for run in due:
-            ended += cast(_Transfer, run.parked).done
-        if ended and (self._sends or self._has_queued()):
-            sent = self._resume_sends()
-            if self._start_runs(extra=ended) or sent:
-                self._push_requests()
+        if self._sends or self._has_queued():
+            self._start_successors(sum(cast(_Transfer, run.parked).done for run in due))
         for run in due:
             t = run.parked
             assert isinstance(t, _Transfer)
@@ -2313,6 +2307,10 @@ class CurlTransport:
         for t in owed:
             run = t.run
             ended += t.done and run is not None and run.parked is t
+        self._start_successors(ended)
+
+    def _start_successors(self, ended: int) -> None:
+        """Start what may follow ``ended`` downloads whose transfer is over, and send."""
         if not ended:
             return
         # Those that waited for room first (the ended transfers made it), then new ones.
