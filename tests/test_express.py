@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from fetchpool import (
 )
 from fetchpool.backends import curl as curl_backend
 from fetchpool.pipeline import Pipeline
-from fetchpool.storage import LOCK_FILE_NAME
+from fetchpool.storage import LOCK_FILE_NAME, ORIGIN_XATTR
 from fetchpool.testing import ImageServer
 from test_curl_backend import PNG_SIGNATURE, RawServer
 
@@ -220,6 +221,46 @@ def test_a_file_already_there_is_skipped_without_a_request(server: ImageServer, 
     (result,) = download_all([url], dest, workers=2, backend="curl")
     assert result.status == "skipped"
     assert server.hits(url) == 0
+
+
+def test_a_free_name_is_looked_at_once(
+    server: ImageServer, dest: Path, monkeypatch: pytest.MonkeyPatch, express_calls: list[str]
+) -> None:
+    url = server.urls[1]
+    looks: list[str] = []
+    lstat = os.lstat
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path).startswith(f"{dest}{os.sep}"):
+            looks.append(os.path.basename(path))
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", counting)
+    (result,) = download_all([url], dest, workers=2, backend="curl")
+    assert result.status == "downloaded"
+    assert express_calls == [url]
+    assert looks == [result.path.name]  # under its lock, not also before
+
+
+def test_a_name_found_taken_under_the_lock_is_claimed_again(
+    server: ImageServer, dest: Path
+) -> None:
+    # Two URLs with one name; the file there is the second one's. The first takes its
+    # derived name, and must not keep the plain one claimed: the second finds its own file.
+    first = server.url("/any/shared.png")
+    second = server.url("/any/shared.png?v=2")
+    planted = dest / "shared.png"
+    planted.write_bytes(b"the second URL's file")
+    os.setxattr(planted, ORIGIN_XATTR, second.encode())
+    one, two = download_all([first, second], dest, workers=1, backend="curl")
+    assert one.status == "downloaded"
+    assert one.path is not None
+    assert one.path != planted
+    assert one.path.name.startswith("shared-")
+    assert two.status == "skipped"
+    assert two.path == planted
+    assert planted.read_bytes() == b"the second URL's file"
+    assert two.attempts == 0
 
 
 def test_the_express_lane_logs_each_request_once(

@@ -68,8 +68,15 @@ class Claims:
                 owner = kept  # still the URL that kept it
         self._owners[path] = (owner, 1)
 
-    def url_name(self, directory: Path, name: str, url: str, origin: str) -> Path:
-        """Claim ``directory/name`` for ``url``, or its derived name if another URL has it."""
+    def url_name(
+        self, directory: Path, name: str, url: str, origin: str, *, look: bool = True
+    ) -> Path:
+        """Claim ``directory/name`` for ``url``, or its derived name if another URL has it.
+
+        ``look``: also where a file of another URL's stands there (by its recorded
+        origin). Without, a file there is not looked for: the caller looks under the
+        file's lock, and claims again (looking) if there is one.
+        """
         path = child_path(directory, name)
         where = str(path)
         with self._lock:
@@ -77,7 +84,7 @@ class Claims:
         # Looked at outside the lock: its syscalls release the GIL, and workers ending
         # their claims must not queue behind them. A stale answer is harmless, as the
         # worker decides again under the file's lock.
-        found = inspect_target(where) if owned is None else None
+        found = inspect_target(where) if owned is None and look else None
         with self._lock:
             taken = self._taken(where, origin)
             if taken is None:

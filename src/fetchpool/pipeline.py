@@ -197,11 +197,15 @@ class Pipeline:
         filename: str | os.PathLike[str] | None,
         expected: Expected | None = None,
         stop: Stop | None = None,
+        *,
+        look: bool = True,
     ) -> Task:
         """Validate ``url`` and claim its final path (on the caller's thread, in input order).
 
         ``expected`` is what the caller expects of the file, if anything; ``stop``, what
-        stops this download alone, if anything.
+        stops this download alone, if anything. ``look=False``: a name from the URL is
+        claimed without a look at a file there (see :meth:`Claims.url_name
+        <fetchpool.claims.Claims.url_name>`).
 
         Raises:
             InvalidURL: not an http(s) URL.
@@ -224,7 +228,7 @@ class Pipeline:
                 )
             directory = path.parent
         else:
-            path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin)
+            path = self.claims.url_name(self.dest, name_from_url(valid), valid, origin, look=look)
             directory = self.dest
         return Task(
             valid,
@@ -284,31 +288,37 @@ class Pipeline:
             is there, the URL has user-info...); or the result of a URL refused.
         """
         try:
-            task = self.prepare(url, None)
+            # The name is looked at once, under its lock, rather than also before it:
+            # where a file stands there, it is claimed again below, looking (on this
+            # thread, where every claim of the driver's is made: no other sees the first).
+            task = self.prepare(url, None, look=False)
         except FetchError as exc:
             return self.refused(url, exc)
-        directory = task.directory
-        if task.cancel.is_set() or "@" in task.url or slow_to_create(directory):
-            return task, None
-        lock = self._path_lock(task, task.path)
+        if not (task.cancel.is_set() or "@" in task.url or slow_to_create(task.directory)):
+            lock = self._path_lock(task, task.path)
+            try:
+                locked = lock.acquire(blocking=False)
+            except Exception:  # noqa: BLE001 - the steps meet it again (no lock file...), and say so
+                locked = False
+            if locked:
+                path = task.path
+                try:
+                    plain = inspect_target(path).kind == "none" and not (
+                        self.opts.overwrite == "error" and os.path.islink(path)
+                    )
+                except OSError:
+                    plain = False
+                if plain:
+                    task.began = time.monotonic(), CLOCK.monotonic()
+                    log.debug("GET %s", task.shown)
+                    return task, lock
+                lock.release()
+        self.release_claims(task, None)
         try:
-            if not lock.acquire(blocking=False):
-                return task, None
-        except Exception:  # noqa: BLE001 - the steps meet it again (no lock file...), and say so
-            return task, None
-        path = task.path
-        try:
-            plain = inspect_target(path).kind == "none" and not (
-                self.opts.overwrite == "error" and os.path.islink(path)
-            )
-        except OSError:
-            plain = False
-        if not plain:
-            lock.release()
-            return task, None
-        task.began = time.monotonic(), CLOCK.monotonic()
-        log.debug("GET %s", task.shown)
-        return task, lock
+            task = self.prepare(url, None)
+        except FetchError as exc:  # pragma: no cover - it passed a moment ago
+            return self.refused(url, exc)
+        return task, None
 
     def abandon(self, task: Task) -> None:
         """Release what a task prepared holds (its lock, its claims), for steps that
