@@ -39,6 +39,7 @@ from fetchpool import (
     DownloadResult,
     FetchError,
     HTTPStatusError,
+    Item,
     NotAnImageError,
     ProgressEvent,
     RedirectError,
@@ -822,6 +823,33 @@ def test_file_of_another_url_is_not_taken(server: ImageServer, dest: Path) -> No
     assert again.status == "skipped"
     assert again.path == path
     assert server.hits(f"/any/{stem}.jpg") == 1
+
+
+def test_mixed_input_is_submitted_in_its_order(server: ImageServer, dest: Path) -> None:
+    # Plain URLs may be submitted in runs: names are still claimed in input order, and
+    # repeats still share their first occurrence's result.
+    name, other = uniq("order"), uniq("order")
+    plain, third = server.url(f"/any/{name}"), server.url(f"/any/{other}")
+    items: list[object] = [
+        plain,
+        Item(server.url(f"/any/elsewhere/{name}"), filename=name),  # the plain URL's name
+        plain,
+        Item(plain, filename="renamed.png"),  # a repeat that asks for another name
+        42,
+        third,
+        plain,
+    ]
+    results = download_all(items, dest, workers=2)  # type: ignore[arg-type]
+    assert assert_downloaded(results[0], server, plain) == dest / name
+    assert_failed(results[1], UnsafeFilenameError, 0)
+    assert results[2] == results[0]
+    assert results[3].status == "failed"
+    assert isinstance(results[3].error, FetchError)
+    assert results[4].status == "failed"
+    assert assert_downloaded(results[5], server, third) == dest / other
+    assert results[6] == results[0]
+    assert server.hits(plain) == 1
+    assert listing(dest) == sorted([name, other])
 
 
 def test_file_without_record_is_taken_as_it_is(server: ImageServer, dest: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .checksums import Expected
 from .downloader import Downloader, UrlInput, _input_items
@@ -74,26 +74,51 @@ def _submit_all(
 
     A URL that appears again shares its first occurrence's future, or gets a failed
     result if it asks for another file name or expectations (the rules of
-    :func:`download_all`, shared with :func:`fetchpool.aio.download_all`).
+    :func:`download_all`, shared with :func:`fetchpool.aio.download_all`). Plain URLs
+    (strings with no file name) are submitted in runs, at once (``Downloader._submit_plain``);
+    the order of submission is the input order all the same.
     """
-    by_url: dict[str, tuple[Future[DownloadResult], _Wanted]] = {}
-    futures: list[Future[DownloadResult]] = []
+    by_url: dict[str, tuple[int, _Wanted]] = {}
+    futures: list[Future[DownloadResult] | None] = []
+    plain: list[str] = []  # plain URLs not submitted yet
+    places: list[int] = []  # and their places in futures
+    repeats: list[tuple[int, int]] = []  # (place, place of the first occurrence)
+
+    def submit_plain() -> None:
+        if plain:
+            for place, future in zip(places, dl._submit_plain(plain), strict=True):
+                futures[place] = future
+            plain.clear()
+            places.clear()
+
     for item, filename in items:
         url = item.url if isinstance(item, Item) else item
         if not isinstance(url, str):  # not a URL: its result says so
+            submit_plain()
             futures.append(dl.submit(item, filename))  # type: ignore[arg-type]
             continue
-        wanted = _wanted(item, filename)
+        bare = type(item) is str and filename is None
+        wanted = _PLAIN if bare else _wanted(item, filename)
         first = by_url.get(url)
         if first is None:
-            fut = dl.submit(item, filename)  # type: ignore[arg-type]
-            by_url[url] = (fut, wanted)
+            by_url[url] = (len(futures), wanted)
+            if bare:
+                plain.append(url)
+                places.append(len(futures))
+                futures.append(None)
+                continue
+            submit_plain()
+            futures.append(dl.submit(item, filename))  # type: ignore[arg-type]
         elif first[1] == wanted:
-            fut = first[0]
+            repeats.append((len(futures), first[0]))
+            futures.append(None)
         else:
-            fut = dl._refuse(url, _conflict(url, first[1], wanted))
-        futures.append(fut)
-    return futures
+            submit_plain()
+            futures.append(dl._refuse(url, _conflict(url, first[1], wanted)))
+    submit_plain()
+    for place, first_place in repeats:
+        futures[place] = futures[first_place]
+    return cast("list[Future[DownloadResult]]", futures)
 
 
 #: What an input item asks for beyond its URL: the file name, and the expectations.

@@ -154,6 +154,10 @@ class Downloader:
             if getattr(self._runner, "takes_express", False)
             else None
         )
+        self._express_many: (
+            Callable[[list[str], Callable[[str, Future[Any]], None]], list[Future[DownloadResult]]]
+            | None
+        ) = getattr(self._runner, "submit_express_many", None) if self._express else None
 
     # -- public API -------------------------------------------------------------------
 
@@ -259,6 +263,22 @@ class Downloader:
             raise
         on_done(future, partial(self._settle_cancelled, task, task.url))
         return future
+
+    def _submit_plain(self, urls: list[str]) -> list[Future[DownloadResult]]:
+        """:meth:`submit` each of ``urls`` (strings, no file name), in their order; at
+        once where the express lane takes them (see ``submit_express_many``).
+
+        Raises:
+            RuntimeError: the downloader is closed.
+        """
+        many = self._express_many
+        if many is None:
+            return [self._submit(url, None, None) for url in urls]
+        if self._closed:
+            raise RuntimeError("cannot submit to a closed Downloader")
+        for url in urls:
+            self._emit(url, 0, None, "started")
+        return many(urls, self._express_cancelled)
 
     def _express_cancelled(self, url: str, future: Future[Any]) -> None:
         self._settle_cancelled(None, url, future)

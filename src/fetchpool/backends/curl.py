@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TypeVar, cast, overload
@@ -1330,11 +1330,37 @@ class CurlTransport:
         Raises:
             RuntimeError: the transport is closed.
         """
-        future: _LoopFuture[Any] = _LoopFuture(self)
-        future.url = url
-        future.on_cancel = on_cancel
-        self._push(future, url, None)
-        return future
+        return self.submit_express_many((url,), on_cancel)[0]
+
+    def submit_express_many(
+        self, urls: Sequence[str], on_cancel: Callable[[str, Future[Any]], None]
+    ) -> list[Future[Any]]:
+        """:meth:`submit_express` for each of ``urls``, queued in their order at once.
+
+        One lock and one wake-up for them all: while the caller's thread queues them
+        one by one, it keeps the GIL from the loop, which then starts the first of
+        them only once all are queued.
+
+        Raises:
+            RuntimeError: the transport is closed.
+        """
+        futures: list[Future[Any]] = []
+        for url in urls:
+            future: _LoopFuture[Any] = _LoopFuture(self)
+            future.url = url
+            future.on_cancel = on_cancel
+            futures.append(future)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("cannot submit to a closed transport")
+            self._queue.extend(zip(futures, urls, strict=True))
+            self._unfinished.update(futures)
+            self._start_thread()
+            gone = self._gone
+        if gone:
+            self._abandon()
+        self._wake()
+        return futures
 
     def _push(
         self, future: Future[Any], start: Callable[[], Steps[Any]] | str, ticket: Ticket | None
