@@ -1192,6 +1192,31 @@ def test_progress_events_against_faults(server: ImageServer, dest: Path) -> None
     assert done.bytes == len(server.expected(ok))
 
 
+def test_an_interrupt_in_submission_ends_every_download_it_announced(
+    server: ImageServer, dest: Path
+) -> None:
+    # Ctrl-C in the progress callback while download_all submits: each URL whose
+    # "started" went out still gets its end, whatever the backend (plain URLs may be
+    # submitted in runs).
+    urls = [server.url(f"/slow/{uniq('int')}?delay=2") for _ in range(6)]
+    events: list[ProgressEvent] = []
+    lock = threading.Lock()
+
+    def record(event: ProgressEvent) -> None:
+        with lock:
+            events.append(event)
+        if event.state == "started" and event.url == urls[2]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download_all(urls, dest, workers=1, progress=record)
+    states = {url: [e.state for e in events if e.url == url] for url in urls}
+    assert states[urls[0]][0] == "started"
+    assert states[urls[0]][-1] in ("failed", "done")
+    assert states[urls[1]] == ["started", "failed"]
+    assert states[urls[3]] == states[urls[4]] == states[urls[5]] == []
+
+
 def test_deadline_spans_redirect_hops(server: ImageServer, dest: Path) -> None:
     # Two quick redirects, then a server that drips its headers: one deadline for all.
     name = uniq("hops-drip")

@@ -98,6 +98,8 @@ def _submit_all(
             futures.append(dl.submit(item, filename))  # type: ignore[arg-type]
             continue
         bare = type(item) is str and filename is None
+        if not bare:
+            submit_plain()  # before _wanted, which may raise (a filename of a wrong type)
         wanted = _PLAIN if bare else _wanted(item, filename)
         first = by_url.get(url)
         if first is None:
@@ -107,7 +109,6 @@ def _submit_all(
                 places.append(len(futures))
                 futures.append(None)
                 continue
-            submit_plain()
             futures.append(dl.submit(item, filename))  # type: ignore[arg-type]
         elif first[1] == wanted:
             repeats.append((len(futures), first[0]))

@@ -276,8 +276,18 @@ class Downloader:
             return [self._submit(url, None, None) for url in urls]
         if self._closed:
             raise RuntimeError("cannot submit to a closed Downloader")
-        for url in urls:
-            self._emit(url, 0, None, "started")
+        told = 0
+        try:
+            for url in urls:
+                self._emit(url, 0, None, "started")
+                told += 1
+        except BaseException:
+            # A progress callback raised (Ctrl-C, say): the URLs it was told of are
+            # queued all the same, as one by one they would have been, so that each
+            # "started" gets its end ("failed", once cancelled).
+            if told:
+                many(urls[:told], self._express_cancelled)
+            raise
         return many(urls, self._express_cancelled)
 
     def _express_cancelled(self, url: str, future: Future[Any]) -> None:
