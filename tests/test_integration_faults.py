@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import pytest
 
+import fetchpool.pipeline
 import fetchpool.storage
 import fetchpool.transfer
 from _support import listing
@@ -750,11 +751,27 @@ def test_disk_full(
     refused: list[int] = []
     real_init = fetchpool.storage.TempFile.__init__
     real_write = os.write
+    real_open = os.open
+    real_store = fetchpool.pipeline.store_whole
+    storing: list[bool] = []  # the doomed file's store_whole runs (the express lane's)
 
     def init(self: fetchpool.storage.TempFile, *args: Any, **kwargs: Any) -> None:
         real_init(self, *args, **kwargs)
         if self.key == doomed_key and self._fd is not None:
             doomed.add(self._fd)
+
+    def store(directory: Path, key: str, *args: Any) -> bool:
+        storing.append(key == doomed_key)
+        try:
+            return real_store(directory, key, *args)
+        finally:
+            storing.pop()
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if storing and storing[-1]:
+            doomed.add(fd)
+        return fd
 
     def write(fd: int, data: Any) -> int:
         if fd in doomed:
@@ -771,6 +788,8 @@ def test_disk_full(
         return real_write(fd, data)
 
     monkeypatch.setattr(fetchpool.storage.TempFile, "__init__", init)
+    monkeypatch.setattr(fetchpool.pipeline, "store_whole", store)
+    monkeypatch.setattr(os, "open", open_)
     # fetchpool.storage calls os.write(fd, view); other fds are passed through.
     monkeypatch.setattr(os, "write", write)
     urls = [server.url(f"/any/{n}") for n in [full_name, *others]]

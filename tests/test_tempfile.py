@@ -17,7 +17,7 @@ import pytest
 import fetchpool.storage
 from _support import listing, temp_files, temp_sizes
 from fetchpool import StorageError
-from fetchpool.storage import TempFile, lock_key, read_origin
+from fetchpool.storage import TempFile, lock_key, read_origin, store_whole
 
 KEY = lock_key(Path("x.png"))
 
@@ -377,3 +377,106 @@ def test_direct_says_a_full_disk_as_a_storage_error(
     assert caught.value.errno == code
     assert caught.value.url == "http://h/x.png"
     tmp.discard()
+
+
+# -------------------------------------------------------------- store_whole (in memory)
+
+
+def _warm(directory: Path) -> None:
+    """Have the directory's verdict on unnamed files made (the first TempFile makes it)."""
+    TempFile(directory, KEY).discard()
+
+
+def test_store_whole_stores_a_body_with_its_origin(dest: Path, temp_mode: str) -> None:
+    _warm(dest)
+    assert store_whole(dest, KEY, "http://h/x.png", b"whole", dest / "x.png", "http://h/x.png")
+    assert (dest / "x.png").read_bytes() == b"whole"
+    assert read_origin(dest / "x.png") == "http://h/x.png"
+    assert listing(dest) == ["x.png"]
+    assert store_whole(dest, KEY, "", b"", dest / "empty.png", None) is False
+    assert (dest / "empty.png").read_bytes() == b""
+    assert read_origin(dest / "empty.png") is None
+
+
+def test_store_whole_replaces_what_stands_at_the_name(
+    dest: Path, tmp_path: Path, temp_mode: str
+) -> None:
+    _warm(dest)
+    (dest / "x.png").write_bytes(b"old")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not yours")
+    (dest / "link.png").symlink_to(outside)
+    for name in ("x.png", "link.png"):
+        store_whole(dest, KEY, "", b"new " + name.encode(), dest / name, None)
+        assert not (dest / name).is_symlink()
+        assert (dest / name).read_bytes() == b"new " + name.encode()
+    assert outside.read_bytes() == b"not yours"
+    assert listing(dest) == ["link.png", "x.png"]
+    assert temp_files(dest) == []
+
+
+def test_store_whole_says_a_full_disk_and_leaves_nothing(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, temp_mode: str
+) -> None:
+    _warm(dest)
+
+    def full(fd: int, data: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fetchpool.storage, "_write_all", full)
+    with pytest.raises(StorageError) as info:
+        store_whole(dest, KEY, "http://h/x.png", b"data", dest / "x.png", "http://h/x.png")
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.url == "http://h/x.png"
+    assert "cannot write to" in str(info.value)
+    assert listing(dest) == []
+    assert temp_files(dest) == []
+
+
+def test_store_whole_onto_a_directory_fails_and_leaves_nothing(dest: Path, temp_mode: str) -> None:
+    _warm(dest)
+    (dest / "x.png").mkdir()
+    with pytest.raises(StorageError):
+        store_whole(dest, KEY, "http://h/x.png", b"data", dest / "x.png", None)
+    assert listing(dest) == ["x.png"]
+    assert temp_files(dest) == []
+
+
+@pytest.mark.usefixtures("unnamed")
+def test_store_whole_copes_where_unnamed_files_cannot_be_linked(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _warm(dest)
+    real_link = os.link
+
+    def no_proc(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fsdecode(src).startswith("/proc/"):
+            _refuse_like_linkat(dst, errno.EPERM)
+        real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_proc)
+    assert store_whole(dest, KEY, "", b"data", dest / "x.png", "http://h/x.png")
+    assert (dest / "x.png").read_bytes() == b"data"
+    assert read_origin(dest / "x.png") == "http://h/x.png"
+    assert listing(dest) == ["x.png"]
+
+
+@pytest.mark.usefixtures("unnamed")
+def test_store_whole_takes_a_few_system_calls_where_it_can(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _warm(dest)
+    made: list[object] = []
+    real = fetchpool.storage.TempFile
+
+    def spy(*args: Any, **kwargs: Any) -> TempFile:
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fetchpool.storage, "TempFile", spy)
+    store_whole(dest, KEY, "", b"data", dest / "x.png", None)
+    assert made == []  # no TempFile: the unnamed file, written and linked at once
+    (dest / "y.png").write_bytes(b"old")
+    store_whole(dest, KEY, "", b"new", dest / "y.png", None)
+    assert len(made) == 1  # the name was taken: the TempFile way, which replaces it
+    assert (dest / "y.png").read_bytes() == b"new"

@@ -64,6 +64,7 @@ from .storage import (
     partial_path,
     read_partial,
     slow_to_create,
+    store_whole,
     supports_xattrs,
     sweep,
 )
@@ -382,21 +383,15 @@ class Pipeline:
         assert began is not None
         url = task.url
         try:
-            tmp = TempFile(task.directory, lock.key, shown)
-            try:
-                if body:  # with the event the steps send once the head is written
-                    tmp.write(body)
-                    self._emit(url, size, None if length == NO_LENGTH else length, "progress")
-                recorded = tmp.commit(path, task.origin, False)
-            except BaseException:
-                tmp.discard()
-                raise
+            recorded = store_whole(task.directory, lock.key, shown, body, path, task.origin)
         except StorageError as exc:
             lock.release()
             self.release_claims(task, None)
             result = self._failed(task, exc, 1, began[0])
             self._finish(result)
             return result
+        if body:  # the event the steps send once the body is written
+            self._emit(url, size, None if length == NO_LENGTH else length, "progress")
         lock.release()
         content_type = headers.get("Content-Type")
         self.release_claims(task, Outcome("downloaded", path, size, content_type, recorded))

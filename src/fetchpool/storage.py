@@ -636,8 +636,7 @@ class TempFile:
         return _part_name(self._directory, self.key)
 
     def _error(self, what: str, where: Path, exc: OSError) -> StorageError:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        return StorageError(f"{what} {where}: {reason}", url=self._url, errno=exc.errno)
+        return _storage_error(what, where, self._url, exc)
 
     def write(self, data: bytes | memoryview) -> None:
         """Append ``data``."""
@@ -906,6 +905,70 @@ class TempFile:
         if path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+def store_whole(
+    directory: Path, key: str, url: str, data: bytes, final: Path, origin: str | None
+) -> bool:
+    """Store ``data`` at ``final`` atomically, as a :class:`TempFile` written with it and
+    committed (no fsync, no hashes); return whether ``origin`` was recorded.
+
+    For a body whole in memory, in a few system calls and no object: an unnamed file,
+    written, its origin set, linked at ``final``. Anything else (a directory that takes
+    no unnamed files, a name taken meanwhile, a failure) goes the :class:`TempFile` way,
+    which copes, or says what went wrong.
+
+    Args:
+        directory: ``final``'s directory.
+        key: the :func:`lock_key` of ``final`` (its lock held).
+        url: the URL as messages show it.
+        data: the whole file.
+        final: where it goes; whatever stands there is replaced, never written through.
+        origin: the URL to record in ``user.xdg.origin.url``, if any.
+
+    Raises:
+        StorageError: the file could not be written or stored (disk full...).
+    """
+    where = str(directory)
+    if UNNAMED and _UNNAMED_OK.get(where):
+        began = time.perf_counter()
+        try:
+            fd = os.open(where, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
+        except OSError:
+            fd = -1  # the TempFile way meets it again, and says what it is
+        if fd >= 0:
+            _note_creation(directory, time.perf_counter() - began)
+            # Nothing of the file is left once it is closed, whatever happens here.
+            try:
+                try:
+                    _write_all(fd, data)
+                except OSError as exc:
+                    raise _storage_error("cannot write to", directory, url, exc) from exc
+                try:
+                    recorded = _set_origin(fd, origin) if origin is not None else False
+                    if _link_unnamed(fd, final):
+                        return recorded
+                except OSError as exc:
+                    if exc.errno not in _CANNOT_LINK:
+                        raise _storage_error(
+                            "cannot store the file in", final.parent, url, exc
+                        ) from exc
+                # The name is taken, or linking through /proc is refused: the TempFile
+                # way copes with both.
+            finally:
+                os.close(fd)
+    tmp = TempFile(directory, key, url)
+    try:
+        tmp.write(data)
+        return tmp.commit(final, origin, False)
+    except BaseException:
+        tmp.discard()
+        raise
+
+
+def _storage_error(what: str, where: Path, url: str, exc: OSError) -> StorageError:
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return StorageError(f"{what} {where}: {reason}", url=url, errno=exc.errno)
 
 
 #: The buffer of :meth:`TempFile.splice_from` while hashing (a pipe holds up to 1 MiB).
