@@ -23,6 +23,11 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\xff\x0a", "jxl"),
     (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jxl"),
 )
+# The signatures above by their first byte: one lookup finds the one or two to try.
+_BY_FIRST: dict[bytes, tuple[tuple[bytes, str], ...]] = {}
+for _magic, _kind in _MAGIC:
+    _BY_FIRST[_magic[:1]] = (*_BY_FIRST.get(_magic[:1], ()), (_magic, _kind))
+del _magic, _kind
 _HEIF_BRANDS = frozenset(
     {b"avif", b"avis", b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 )
@@ -42,7 +47,7 @@ def sniff_image(head: bytes) -> str | None:
         head: the first bytes of the body (:data:`SNIFF_BYTES` of them, or the whole
             body if it is shorter).
     """
-    for magic, kind in _MAGIC:
+    for magic, kind in _BY_FIRST.get(head[:1], ()):
         if head.startswith(magic):
             return kind
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
