@@ -10,6 +10,7 @@ requests backend, and no request is sent twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -328,6 +329,31 @@ def _run(url: str, express: bool, dest: Path, **options: Any) -> tuple[DownloadR
             dl._express = None  # the steps alone
         result = dl.submit(url).result(timeout=30)
     return result, events
+
+
+@pytest.mark.parametrize("errno_", [errno.ENOSPC, errno.EIO])
+def test_a_file_that_cannot_be_stored_fails_as_on_the_steps(
+    server: ImageServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int
+) -> None:
+    # The link at the final name fails: the same error and the same events both ways
+    # (the progress event of the body written comes before the failed commit).
+    def refuse(fd: int, path: Any) -> bool:
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr("fetchpool.storage._link_unnamed", refuse)
+    url = server.urls[2]
+    got = []
+    for express in (True, False):
+        dest = tmp_path / str(express)
+        dest.mkdir()
+        result, events = _run(url, express, dest, retry=RetryPolicy(attempts=1))
+        assert isinstance(result.error, StorageError)
+        assert result.error.errno == errno_
+        got.append((str(result.error).replace(str(dest), "D"), result.attempts, events))
+        assert temp_files(dest) == []
+        assert listing(dest) == []
+    assert got[0] == got[1]
+    assert [state for state, *_ in got[0][2]] == ["started", "progress", "failed"]
 
 
 RAW_ANSWERS: dict[str, Any] = {

@@ -480,3 +480,63 @@ def test_store_whole_takes_a_few_system_calls_where_it_can(
     store_whole(dest, KEY, "", b"new", dest / "y.png", None)
     assert len(made) == 1  # the name was taken: the TempFile way, which replaces it
     assert (dest / "y.png").read_bytes() == b"new"
+
+
+def test_store_whole_tells_once_when_the_data_is_written(dest: Path, temp_mode: str) -> None:
+    _warm(dest)
+    told: list[int] = []
+    store_whole(dest, KEY, "", b"one", dest / "x.png", None, lambda: told.append(1))
+    (dest / "y.png").write_bytes(b"old")  # a name taken: the TempFile way goes on
+    store_whole(dest, KEY, "", b"two", dest / "y.png", None, lambda: told.append(2))
+    assert told == [1, 2]
+    assert (dest / "y.png").read_bytes() == b"two"
+
+
+@pytest.mark.usefixtures("unnamed")
+def test_store_whole_in_a_directory_removed_says_so_as_a_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gone(directory: Path) -> str:
+        _warm(directory)
+        real = fetchpool.storage._write_all
+
+        def write_then_remove(fd: int, data: Any) -> None:
+            real(fd, data)
+            os.rmdir(directory)
+
+        monkeypatch.setattr(fetchpool.storage, "_write_all", write_then_remove)
+        try:
+            if directory.name == "store":
+                store_whole(directory, KEY, "u", b"data", directory / "x.png", None)
+            else:
+                tmp = TempFile(directory, KEY, "u")
+                tmp.write(b"data")
+                tmp.commit(directory / "x.png", None, False)
+        except StorageError as exc:
+            return f"{exc.errno} {str(exc).replace(str(directory), 'D')}"
+        finally:
+            monkeypatch.undo()
+        raise AssertionError("no error")
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "temp").mkdir()
+    assert gone(tmp_path / "store") == gone(tmp_path / "temp")
+
+
+@pytest.mark.usefixtures("unnamed")
+def test_store_whole_says_a_failed_close_as_a_storage_error(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _warm(dest)
+    real_close = os.close
+
+    def failing_close(fd: int) -> None:
+        real_close(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "close", failing_close)
+    with pytest.raises(StorageError) as info:
+        store_whole(dest, KEY, "u", b"data", dest / "x.png", None)
+    monkeypatch.undo()
+    assert info.value.errno == errno.EIO
+    assert "cannot store the file in" in str(info.value)

@@ -382,16 +382,22 @@ class Pipeline:
         began = task.began
         assert began is not None
         url = task.url
+        # With the event the steps send once the body is written, before its commit.
+        written = (
+            partial(self._emit, url, size, None if length == NO_LENGTH else length, "progress")
+            if body
+            else None
+        )
         try:
-            recorded = store_whole(task.directory, lock.key, shown, body, path, task.origin)
+            recorded = store_whole(
+                task.directory, lock.key, shown, body, path, task.origin, written
+            )
         except StorageError as exc:
             lock.release()
             self.release_claims(task, None)
             result = self._failed(task, exc, 1, began[0])
             self._finish(result)
             return result
-        if body:  # the event the steps send once the body is written
-            self._emit(url, size, None if length == NO_LENGTH else length, "progress")
         lock.release()
         content_type = headers.get("Content-Type")
         self.release_claims(task, Outcome("downloaded", path, size, content_type, recorded))

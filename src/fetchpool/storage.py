@@ -36,7 +36,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -586,6 +586,8 @@ class TempFile:
         url: the URL as messages show it.
         digests: hashers to feed every byte written, if the body's hash is wanted.
         partial: the partial file's path (:func:`partial_path`), or ``None``.
+        unnamed: the descriptor of an unnamed file open already, to go on with
+            (:func:`store_whole`'s; the caller sets :attr:`size`).
 
     Attributes:
         key: the key it was created for.
@@ -608,6 +610,8 @@ class TempFile:
         url: str = "",
         digests: Digests | None = None,
         partial: Path | None = None,
+        *,
+        unnamed: int | None = None,
     ) -> None:
         self._url = url
         self._directory = directory
@@ -618,10 +622,13 @@ class TempFile:
         self.digests = digests
         self.hashing = digests is not None
         self._buffer: bytearray | None = None  # splice_from's, while hashing
+        self._fd: int | None = unnamed
+        if unnamed is not None:  # an unnamed file open already (store_whole's), taken on
+            return
         began = time.perf_counter()
         try:
             if partial is not None:
-                self._fd: int | None = _open_partial(partial)
+                self._fd = _open_partial(partial)
                 self.path = partial
                 return
             self._fd = _open_unnamed(directory) if UNNAMED else None
@@ -908,15 +915,21 @@ class TempFile:
 
 
 def store_whole(
-    directory: Path, key: str, url: str, data: bytes, final: Path, origin: str | None
+    directory: Path,
+    key: str,
+    url: str,
+    data: bytes,
+    final: Path,
+    origin: str | None,
+    written: Callable[[], object] | None = None,
 ) -> bool:
     """Store ``data`` at ``final`` atomically, as a :class:`TempFile` written with it and
     committed (no fsync, no hashes); return whether ``origin`` was recorded.
 
     For a body whole in memory, in a few system calls and no object: an unnamed file,
-    written, its origin set, linked at ``final``. Anything else (a directory that takes
-    no unnamed files, a name taken meanwhile, a failure) goes the :class:`TempFile` way,
-    which copes, or says what went wrong.
+    written, its origin set, linked at ``final``. Where the directory takes no unnamed
+    files, the name is taken meanwhile or links through ``/proc`` are refused, the
+    :class:`TempFile` way goes on from where this got (and says the same errors).
 
     Args:
         directory: ``final``'s directory.
@@ -925,45 +938,66 @@ def store_whole(
         data: the whole file.
         final: where it goes; whatever stands there is replaced, never written through.
         origin: the URL to record in ``user.xdg.origin.url``, if any.
+        written: called once the data is written, before the file is stored (as the
+            progress event of a body written comes before its commit).
 
     Raises:
         StorageError: the file could not be written or stored (disk full...).
     """
     where = str(directory)
+    fd = -1
     if UNNAMED and _UNNAMED_OK.get(where):
         began = time.perf_counter()
         try:
             fd = os.open(where, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
         except OSError:
-            fd = -1  # the TempFile way meets it again, and says what it is
-        if fd >= 0:
+            pass  # the TempFile way meets it again, and says what it is
+        else:
             _note_creation(directory, time.perf_counter() - began)
-            # Nothing of the file is left once it is closed, whatever happens here.
-            try:
-                try:
-                    _write_all(fd, data)
-                except OSError as exc:
-                    raise _storage_error("cannot write to", directory, url, exc) from exc
-                try:
-                    recorded = _set_origin(fd, origin) if origin is not None else False
-                    if _link_unnamed(fd, final):
-                        return recorded
-                except OSError as exc:
-                    if exc.errno not in _CANNOT_LINK:
-                        raise _storage_error(
-                            "cannot store the file in", final.parent, url, exc
-                        ) from exc
-                # The name is taken, or linking through /proc is refused: the TempFile
-                # way copes with both.
-            finally:
-                os.close(fd)
-    tmp = TempFile(directory, key, url)
+    if fd < 0:
+        tmp = TempFile(directory, key, url)
+        try:
+            tmp.write(data)
+            if written is not None:
+                written()
+            return tmp.commit(final, origin, False)
+        except BaseException:
+            tmp.discard()
+            raise
+    # Nothing of the unnamed file is left once it is closed, whatever fails here.
     try:
-        tmp.write(data)
-        return tmp.commit(final, origin, False)
+        try:
+            _write_all(fd, data)
+        except OSError as exc:
+            raise _storage_error("cannot write to", directory, url, exc) from exc
+        if written is not None:
+            written()
+        try:
+            recorded = _set_origin(fd, origin) if origin is not None else False
+            linked = _link_unnamed(fd, final)
+        except OSError as exc:
+            if exc.errno not in _CANNOT_LINK:
+                raise _storage_error("cannot store the file in", final.parent, url, exc) from exc
+            linked = False
     except BaseException:
-        tmp.discard()
+        with contextlib.suppress(OSError):
+            os.close(fd)
         raise
+    if not linked:
+        # The name is taken, or links through /proc are refused: the TempFile way goes
+        # on with this file (it names it and replaces, or copies it to a named one).
+        tmp = TempFile(directory, key, url, unnamed=fd)
+        tmp.size = len(data)
+        try:
+            return tmp.commit(final, origin, False)
+        except BaseException:
+            tmp.discard()
+            raise
+    try:
+        os.close(fd)
+    except OSError as exc:
+        raise _storage_error("cannot store the file in", final.parent, url, exc) from exc
+    return recorded
 
 
 def _storage_error(what: str, where: Path, url: str, exc: OSError) -> StorageError:
