@@ -364,3 +364,49 @@ def test_resumed_big_file_sends_only_the_rest() -> None:
     for line, backend in zip(lines, backends, strict=True):
         assert line.startswith(f"resumed big file ({backend}): 4 MiB body; second run sent ")
         assert "(50.0% of the body)" in line
+
+
+def _pycurl_or_skip() -> None:
+    if importlib.util.find_spec("pycurl") is None:
+        pytest.skip("pycurl is not installed")
+
+
+def test_opcount_counts_bytecodes_per_file() -> None:
+    _pycurl_or_skip()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.opcount", "--files", "30", "--top", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    head = lines[0]
+    assert head.startswith("curl: ")
+    per_file = int(head.split()[1])
+    assert per_file > 1000  # a download is thousands of bytecodes, not none
+    assert "fetchpool-curl " in head
+    assert "MainThread " in head
+    assert len(lines) == 4  # the three functions that cost most
+
+
+def test_versus_compares_two_revisions() -> None:
+    _pycurl_or_skip()
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    command = [sys.executable, "-m", "benchmarks.versus", "HEAD", "."]
+    proc = subprocess.run(
+        [*command, "--repeat", "1", "--files", "40"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("HEAD: median ")
+    assert lines[1].startswith(".: median ")
+    assert lines[2].startswith(". / HEAD: median of the per-round ratios ")
