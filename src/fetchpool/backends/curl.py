@@ -1315,7 +1315,7 @@ class CurlTransport:
             RuntimeError: the transport is closed.
         """
         future: Future[T] = _LoopFuture(self)
-        self._push(future, start, ticket)
+        self._push((future,), (start,), ticket)
         return future
 
     def submit_express(
@@ -1350,32 +1350,28 @@ class CurlTransport:
             future.url = url
             future.on_cancel = on_cancel
             futures.append(future)
-        with self._lock:
-            if self._stopping:
-                raise RuntimeError("cannot submit to a closed transport")
-            self._queue.extend(zip(futures, urls, strict=True))
-            self._unfinished.update(futures)
-            self._start_thread()
-            gone = self._gone
-        if gone:
-            self._abandon()
-        self._wake()
+        self._push(futures, urls, None)
         return futures
 
     def _push(
-        self, future: Future[Any], start: Callable[[], Steps[Any]] | str, ticket: Ticket | None
+        self,
+        futures: Sequence[Future[Any]],
+        starts: Sequence[Callable[[], Steps[Any]] | str],
+        ticket: Ticket | None,
     ) -> None:
+        """Queue ``futures`` with what starts each, in their order (a ``ticket``: one's)."""
         with self._lock:
             if self._stopping:
                 raise RuntimeError("cannot submit to a closed transport")
             if ticket is not None and self._hosts is not None:
+                ((future, start),) = zip(futures, starts, strict=True)
                 self._hosts.push((future, start, ticket), ticket)
                 # Cancelled by the caller while its host has no room, it is done now:
                 # close() must not wait for the host to take it out of the queue.
                 on_done(future, self._finished)
             else:
-                self._queue.append((future, start))
-            self._unfinished.add(future)
+                self._queue.extend(zip(futures, starts, strict=True))
+            self._unfinished.update(futures)
             self._start_thread()
             gone = self._gone
         if gone:
