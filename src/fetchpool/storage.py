@@ -949,7 +949,7 @@ def store_whole(
     if UNNAMED and _UNNAMED_OK.get(where):
         began = time.perf_counter()
         try:
-            fd = os.open(where, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
+            fd = os.open(where, _UNNAMED_FLAGS, 0o666)
         except OSError:
             pass  # the TempFile way meets it again, and says what it is
         else:
@@ -1011,6 +1011,8 @@ _HASH_BLOCK = 1024 * 1024
 #: Whether :class:`TempFile` tries ``O_TMPFILE`` first (tests turn it off to exercise
 #: the named files that remain the fallback).
 UNNAMED: bool = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+#: How an unnamed file is opened: readable too, for the copy in TempFile._copy_to_named.
+_UNNAMED_FLAGS: Final = os.O_RDWR | getattr(os, "O_TMPFILE", 0) | os.O_CLOEXEC
 # What open(O_TMPFILE) fails with where the filesystem (or an old kernel) lacks it.
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL)
 # What posix_fallocate() fails with where the filesystem cannot allocate ahead (glibc
@@ -1066,8 +1068,7 @@ def _open_unnamed(directory: Path) -> int | None:
     if verdict is False:
         return None
     try:
-        # Readable too, for the copy in TempFile._copy_to_named.
-        fd = os.open(where, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o666)
+        fd = os.open(where, _UNNAMED_FLAGS, 0o666)
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             _remember(where, False)
