@@ -52,14 +52,8 @@ def test_quick_cpu_bound_writes_markdown_and_json(tmp_path: Path) -> None:
     # The same report, rendered again from the JSON alone.
     again = tmp_path / "again"
     again.mkdir()
-    command = [sys.executable, "-m", "benchmarks", "--render", str(out / "results.json")]
-    proc = subprocess.run(
-        [*command, "--no-chart", "--out", str(again)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    proc = _run_module(
+        "benchmarks", "--render", str(out / "results.json"), "--no-chart", "--out", str(again)
     )
     assert proc.returncode == 0, proc.stderr
     rendered = (again / "results.md").read_text()
@@ -94,30 +88,26 @@ def test_profile_summary_leaves_out_startup(monkeypatch: pytest.MonkeyPatch) -> 
     assert "Thread.run" not in text
 
 
-def _quick_run(contestants: str, out: Path) -> subprocess.CompletedProcess[str]:
-    """Run the quick CPU-bound scenario once for ``contestants``, no profile or chart."""
+def _run_module(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m <args>`` in the repository, its output captured as text."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--scenario",
-            "cpu-bound",
-            "--repeat",
-            "1",
-            "--contestants",
-            contestants,
-            "--no-profile",
-            "--no-chart",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
+    )
+
+
+def _quick_run(contestants: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """Run the quick CPU-bound scenario once for ``contestants``, no profile or chart."""
+    return _run_module(
+        *["benchmarks", "--quick", "--scenario", "cpu-bound", "--repeat", "1"],
+        *["--contestants", contestants, "--no-profile", "--no-chart", "--out", str(out)],
     )
 
 
@@ -353,9 +343,8 @@ def test_peak_rss_report_per_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_resumed_big_file_sends_only_the_rest() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    command = [sys.executable, "-m", "benchmarks.resumed", "--size-mib", "4", "--repeat", "1"]
-    proc = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    proc = _run_module(
+        "benchmarks.resumed", "--size-mib", "4", "--repeat", "1", timeout=120, env=env
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -373,14 +362,7 @@ def _pycurl_or_skip() -> None:
 
 def test_opcount_counts_bytecodes_per_file() -> None:
     _pycurl_or_skip()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.opcount", "--files", "30", "--top", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = _run_module("benchmarks.opcount", "--files", "30", "--top", "3", timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     head = lines[0]
@@ -396,14 +378,8 @@ def test_versus_compares_two_revisions() -> None:
     _pycurl_or_skip()
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    command = [sys.executable, "-m", "benchmarks.versus", "HEAD", "."]
-    proc = subprocess.run(
-        [*command, "--repeat", "1", "--files", "40"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    proc = _run_module(
+        "benchmarks.versus", "HEAD", ".", "--repeat", "1", "--files", "40", timeout=300
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
