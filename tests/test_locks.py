@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import threading
@@ -208,3 +209,42 @@ def test_a_lock_says_whether_it_is_held(tmp_path: Path) -> None:
     assert not lock.held
     lock.release()  # idempotent
     assert not lock.held
+
+
+@pytest.mark.parametrize("name", ["plain.png", "café ☕.jpg", "bad-\udcff-byte.gif"])
+def test_a_lock_key_is_the_hash_of_the_name_as_the_filesystem_spells_it(
+    tmp_path: Path, name: str
+) -> None:
+    # Other processes (older versions too) name the same lock byte only if the key is
+    # computed the same way: from os.fsencode of the file name alone.
+    expected = hashlib.sha256(os.fsencode(name)).hexdigest()[:20]
+    assert lock_key(tmp_path / name) == expected
+    assert lock_key(tmp_path / "sub" / name) == expected
+
+
+def test_a_busy_lock_tried_without_waiting_leaves_no_trace(tmp_path: Path) -> None:
+    key = lock_key(tmp_path / "busy.png")
+    holder = PathLock(tmp_path, key)
+    assert holder.acquire()
+    waiting = threading.Event()
+    got: list[bool] = []
+
+    def wait_for_it() -> None:
+        waiting.set()
+        lock = PathLock(tmp_path, key)
+        got.append(lock.acquire())  # blocks until released
+        lock.release()
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    waiting.wait(10)
+    for _ in range(3):
+        assert not PathLock(tmp_path, key).acquire(blocking=False)
+    holder.release()
+    waiter.join(10)
+    assert got == [True]
+    # The tries left no claim on it behind: free, it is taken at once.
+    again = PathLock(tmp_path, key)
+    assert again.acquire(blocking=False)
+    again.release()
+    assert listing(tmp_path) == []

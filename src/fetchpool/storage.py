@@ -34,6 +34,7 @@ import os
 import random
 import secrets
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,6 +81,8 @@ _NAME_MAX = 255
 _POLL_MIN = 0.002
 _POLL_MAX = 0.05
 _PRESENCE_TRIES = 1000
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 
 
 class Cancelled(Exception):
@@ -116,7 +119,10 @@ def child_path(directory: Path, name: str) -> Path:
 
 def lock_key(final: Path) -> str:
     """Return the key naming the lock and temporary files of ``final``."""
-    return hashlib.sha256(os.fsencode(final.name)).hexdigest()[:20]
+    # os.fsencode(final.name), without its two Python calls (one a file): str(final) is
+    # made once and kept, and a path's name is what follows its last separator.
+    name = str(final).rpartition(os.sep)[2]
+    return hashlib.sha256(name.encode(_FS_ENCODING, _FS_ERRORS)).hexdigest()[:20]
 
 
 def _offset(key: str) -> int:
@@ -160,6 +166,16 @@ class _ThreadLocks:
         """Start empty: in a forked child, the parent's threads and their locks are gone."""
         self._mutex = threading.Lock()
         self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    def take(self, key: str) -> threading.Lock | None:
+        """The key's lock, taken, if no thread has it or waits for it; else ``None``."""
+        with self._mutex:
+            if key in self._locks:
+                return None
+            lock = threading.Lock()
+            lock.acquire()
+            self._locks[key] = (lock, 1)
+            return lock
 
     def get(self, key: str) -> threading.Lock:
         with self._mutex:
@@ -384,17 +400,20 @@ class PathLock:
         """
         if self._timeout is not None:
             self._give_up = time.monotonic() + self._timeout
-        tlock = _THREAD_LOCKS.get(self._tkey)
-        try:
-            if blocking:
+        if blocking:
+            tlock = _THREAD_LOCKS.get(self._tkey)
+            try:
                 while not tlock.acquire(timeout=0.1):
                     self._check_cancel()
-            elif not tlock.acquire(blocking=False):
+            except BaseException:
                 _THREAD_LOCKS.put(self._tkey)
+                raise
+        else:
+            # Busy also where another thread only waits for it: it would be next.
+            taken = _THREAD_LOCKS.take(self._tkey)
+            if taken is None:
                 return False
-        except BaseException:
-            _THREAD_LOCKS.put(self._tkey)
-            raise
+            tlock = taken
         try:
             entry = self._acquire_file(blocking)
         except BaseException:
