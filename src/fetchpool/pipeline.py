@@ -400,7 +400,11 @@ class Pipeline:
             return result
         lock.release()
         content_type = headers.get("Content-Type")
-        self.release_claims(task, Outcome("downloaded", path, size, content_type, recorded))
+        # What release_claims does for the one name an express download claims (its own,
+        # from the URL), without an Outcome to tell it.
+        claims = self.claims
+        claims.release(path, task.origin, keep=claims.remember or not recorded)
+        task.claimed.clear()
         result = DownloadResult._downloaded(
             url, path, size, 1, time.monotonic() - began[0], content_type
         )

@@ -1459,7 +1459,8 @@ class CurlTransport:
         """
         started = False
         hosts = self._hosts
-        while self._has_room(extra):
+        # The usual case of _has_room first, without its call (once a file).
+        while len(self._runs) < self._limit + extra or self._has_room(extra):
             ticket: Ticket | None = None
             with self._lock:
                 if self._queue:
@@ -1737,10 +1738,20 @@ class CurlTransport:
                 self._convert(run, t)
                 continue
             run.lock = None
-            self._give_back(t.slot)
+            slot = t.slot
+            slot.transfer = None
             self._runs.discard(run)
-            self._conclude(run.future, result, None)
-            self._start_early()
+            # _conclude, and _give_back under the same lock: two files' worth of calls.
+            future = run.future
+            _complete(future, result, None)
+            with self._lock:
+                self._free.append(slot)
+                unfinished = self._unfinished
+                unfinished.discard(future)
+                if not unfinished:
+                    self._all_done.notify_all()
+            if time.monotonic() - self._turn_began >= _START_EARLY_AFTER:
+                self._start_early()
 
     def _hand_on(self, run: _Run, t: _Transfer | None) -> None:
         """Give an express download its steps, ``t`` (if any) to answer their first
@@ -2516,6 +2527,17 @@ class CurlTransport:
         t = slot.transfer
         if t is not None:
             t.take_head()
+            run = t.express
+            if run is not None and not code:
+                # An express transfer that ended well (most of them): what finish() does,
+                # less what it cannot need (no sink, no waiter: the loop alone has it).
+                try:
+                    self._multi.remove_handle(easy)
+                except pycurl.error:
+                    log.debug("curl loop: removing a finished handle failed", exc_info=True)
+                t.done = True
+                self._due.append(run)
+                return
         if t is not None and code in _ENDED_AT_HEADERS and t.ready and not 200 <= t.status < 300:
             # Our own header callback (or libcurl's FAILONERROR, in the express lane)
             # ended a non-2xx answer: the headers are all in.
