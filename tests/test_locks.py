@@ -220,6 +220,9 @@ def test_a_lock_key_is_the_hash_of_the_name_as_the_filesystem_spells_it(
     expected = hashlib.sha256(os.fsencode(name)).hexdigest()[:20]
     assert lock_key(tmp_path / name) == expected
     assert lock_key(tmp_path / "sub" / name) == expected
+    # And the byte locked in the directory's lock file is the one they lock.
+    byte = 1 + int(hashlib.sha256(expected.encode()).hexdigest()[:15], 16)
+    assert PathLock(tmp_path, expected)._offset == byte
 
 
 def test_a_busy_lock_tried_without_waiting_leaves_no_trace(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import importlib
 import logging
 import os
 import random
@@ -40,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from .checksums import Digests, feed_file
 from .errors import StorageError
@@ -81,6 +82,26 @@ _NAME_MAX = 255
 _POLL_MIN = 0.002
 _POLL_MAX = 0.05
 _PRESENCE_TRIES = 1000
+
+
+class _Digest(Protocol):
+    def hexdigest(self) -> str: ...
+
+
+def _builtin_sha256() -> Callable[[bytes], _Digest]:
+    # Python's own SHA-256 where it has one: the same digests as OpenSSL's, without
+    # OpenSSL 3 fetching the algorithm anew for each of the two hashes a file takes.
+    for name in ("_sha2", "_sha256"):  # 3.12+, then 3.10 and 3.11
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        sha256: Callable[[bytes], _Digest] = module.sha256
+        return sha256
+    return hashlib.sha256  # a build without them
+
+
+_sha256 = _builtin_sha256()
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 
@@ -122,13 +143,13 @@ def lock_key(final: Path) -> str:
     # os.fsencode(final.name), without its two Python calls (one a file): str(final) is
     # made once and kept, and a path's name is what follows its last separator.
     name = str(final).rpartition(os.sep)[2]
-    return hashlib.sha256(name.encode(_FS_ENCODING, _FS_ERRORS)).hexdigest()[:20]
+    return _sha256(name.encode(_FS_ENCODING, _FS_ERRORS)).hexdigest()[:20]
 
 
 def _offset(key: str) -> int:
     # 60 bits of a hash of the key: two names sharing a byte is as unlikely as a hash
     # collision, and the offset stays far inside off_t. Byte 0 is the presence lock.
-    return 1 + int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+    return 1 + int(_sha256(key.encode()).hexdigest()[:15], 16)
 
 
 def _try_lock(fd: int, offset: int, length: int = 1, mode: int = fcntl.LOCK_EX) -> bool:
