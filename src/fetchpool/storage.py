@@ -102,6 +102,7 @@ def _builtin_sha256() -> Callable[[bytes], _Digest]:
 
 
 _sha256 = _builtin_sha256()
+_STR_ON_FIRST_USE = sys.version_info < (3, 12)
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 
@@ -133,6 +134,18 @@ def child_path(directory: Path, name: str) -> Path:
     make_child = getattr(directory, "_make_child_relpath", None)
     if make_child is not None:
         child: Path = make_child(name)
+        if _STR_ON_FIRST_USE:
+            # 3.10 and 3.11 make a path's string when first asked, by raising and
+            # catching an AttributeError (a microsecond and more, once a file): given
+            # here, as 3.12's helper gives it, it is the string they would make.
+            where = str(directory)
+            if where == ".":
+                where = name
+            elif where[-1:] == "/":
+                where += name
+            else:
+                where = f"{where}/{name}"
+            child._str = where  # type: ignore[attr-defined]
         return child
     # "_" is interned already (a constant) and stays so: no table churn.
     return directory.joinpath("_").with_name(name)
