@@ -13,7 +13,14 @@ import pytest
 
 from _support import held_locks, listing, lock_held_elsewhere
 from fetchpool import Downloader, StorageError
-from fetchpool.storage import LOCK_FILE_NAME, PathLock, lock_key, sweep
+from fetchpool.storage import (
+    _THREAD_LOCKS,
+    LOCK_FILE_NAME,
+    PathLock,
+    child_path,
+    lock_key,
+    sweep,
+)
 from fetchpool.testing import ImageServer
 
 pytestmark = pytest.mark.usefixtures("each_backend")
@@ -220,33 +227,26 @@ def test_a_lock_key_is_the_hash_of_the_name_as_the_filesystem_spells_it(
     expected = hashlib.sha256(os.fsencode(name)).hexdigest()[:20]
     assert lock_key(tmp_path / name) == expected
     assert lock_key(tmp_path / "sub" / name) == expected
+    assert lock_key(child_path(tmp_path, name)) == expected
     # And the byte locked in the directory's lock file is the one they lock.
     byte = 1 + int(hashlib.sha256(expected.encode()).hexdigest()[:15], 16)
     assert PathLock(tmp_path, expected)._offset == byte
 
 
-def test_a_busy_lock_tried_without_waiting_leaves_no_trace(tmp_path: Path) -> None:
-    key = lock_key(tmp_path / "busy.png")
-    holder = PathLock(tmp_path, key)
-    assert holder.acquire()
-    waiting = threading.Event()
-    got: list[bool] = []
-
-    def wait_for_it() -> None:
-        waiting.set()
-        lock = PathLock(tmp_path, key)
-        got.append(lock.acquire())  # blocks until released
-        lock.release()
-
-    waiter = threading.Thread(target=wait_for_it)
-    waiter.start()
-    waiting.wait(10)
-    for _ in range(3):
-        assert not PathLock(tmp_path, key).acquire(blocking=False)
-    holder.release()
-    waiter.join(10)
-    assert got == [True]
-    # The tries left no claim on it behind: free, it is taken at once.
+def test_a_lock_tried_without_waiting_is_busy_while_a_thread_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    # A thread queued for the key (its in-process lock free for an instant, between
+    # the holder's release and the waiter's wake-up) would be next: a try does not
+    # jump the queue, and leaves no claim on the key behind.
+    key = lock_key(tmp_path / "queued.png")
+    tkey = PathLock(tmp_path, key)._tkey
+    _THREAD_LOCKS.get(tkey)  # what a waiter holds while it waits
+    try:
+        for _ in range(3):
+            assert not PathLock(tmp_path, key).acquire(blocking=False)
+    finally:
+        _THREAD_LOCKS.put(tkey)
     again = PathLock(tmp_path, key)
     assert again.acquire(blocking=False)
     again.release()

@@ -91,7 +91,9 @@ class _Digest(Protocol):
 def _builtin_sha256() -> Callable[[bytes], _Digest]:
     # Python's own SHA-256 where it has one: the same digests as OpenSSL's, without
     # OpenSSL 3 fetching the algorithm anew for each of the two hashes a file takes.
-    for name in ("_sha2", "_sha256"):  # 3.12+, then 3.10 and 3.11
+    # CPython's are C; PyPy's are Python, slower than its hashlib.
+    names = ("_sha2", "_sha256") if sys.implementation.name == "cpython" else ()
+    for name in names:  # 3.12+, then 3.10 and 3.11
         try:
             module = importlib.import_module(name)
         except ImportError:
