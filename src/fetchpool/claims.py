@@ -79,12 +79,15 @@ class Claims:
         """
         path = child_path(directory, name)
         where = str(path)
-        with self._lock:
-            owned = self._taken(where, origin)
-        # Looked at outside the lock: its syscalls release the GIL, and workers ending
-        # their claims must not queue behind them. A stale answer is harmless, as the
-        # worker decides again under the file's lock.
-        found = inspect_target(where) if owned is None and look else None
+        found = None
+        if look:
+            with self._lock:
+                owned = self._taken(where, origin)
+            # Looked at outside the lock: its syscalls release the GIL, and workers
+            # ending their claims must not queue behind them. A stale answer is
+            # harmless, as the worker decides again under the file's lock.
+            if owned is None:
+                found = inspect_target(where)
         with self._lock:
             taken = self._taken(where, origin)
             if taken is None:

@@ -718,7 +718,8 @@ class _Slot:
         self.header_source: Mapping[str, str] | None = None  # what header_lines were made of
         self.pipewait = 0
         self.spool: bytearray | None = None  # sink mode's buffer, made when first needed
-        self.express = False  # the header callback is a transfer's lines.append
+        self.express = False  # the header callback is lines.append
+        self.lines: list[bytes] = []  # an express transfer's header lines
         easy = pycurl.Curl()
         self.easy = easy
         easy.setopt(pycurl.NOSIGNAL, 1)
@@ -1152,7 +1153,8 @@ class CurlTransport:
         Raises:
             FetchError: the guard fired, the URL is refused, or the transport is closed.
         """
-        check_guard(guard, request.shown, "requesting")
+        if guard is not None:
+            check_guard(guard, request.shown, "requesting")
         if self._closed or self._failed is not None:
             detail = (
                 "the transport is closed"
@@ -1219,8 +1221,13 @@ class CurlTransport:
             # The lines are collected in C, and parsed once the body begins: no Python
             # call per header line. A 4xx or 5xx answer ends at its headers all the same
             # (libcurl's FAILONERROR): the steps get it at once, with its Retry-After.
-            easy.setopt(pycurl.HEADERFUNCTION, t.lines.append)
+            # Into the slot's list, emptied: the handle's callback stays what it was (a
+            # transfer's lines are read only while it has the slot).
+            lines = slot.lines
+            lines.clear()
+            t.lines = lines
             if not slot.express:
+                easy.setopt(pycurl.HEADERFUNCTION, lines.append)
                 easy.setopt(pycurl.FAILONERROR, 1)
                 slot.express = True
         elif slot.express:
