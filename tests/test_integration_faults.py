@@ -40,6 +40,7 @@ from fetchpool import (
     DownloadResult,
     FetchError,
     HTTPStatusError,
+    InvalidURL,
     Item,
     NotAnImageError,
     ProgressEvent,
@@ -869,6 +870,30 @@ def test_mixed_input_is_submitted_in_its_order(server: ImageServer, dest: Path) 
     assert results[6] == results[0]
     assert server.hits(plain) == 1
     assert listing(dest) == sorted([name, other])
+
+
+def test_plain_urls_alone_keep_their_order_repeats_and_refusals(
+    server: ImageServer, dest: Path
+) -> None:
+    # A list of plain URL strings alone is submitted at once: each URL once, in the order
+    # of its first occurrence, a result per input in input order, a refused URL in place.
+    first, second = uniq("plainonly"), uniq("plainonly")
+    a, b = server.url(f"/any/{first}"), server.url(f"/any/{second}")
+    events: list[tuple[str, str]] = []
+    urls = [b, a, "ftp://example.com/x.png", b, a, b]
+    results = download_all(
+        urls, dest, workers=2, progress=lambda e: events.append((e.url, e.state))
+    )
+    assert [r.url for r in results] == urls
+    assert assert_downloaded(results[0], server, b) == dest / second
+    assert assert_downloaded(results[1], server, a) == dest / first
+    assert_failed(results[2], InvalidURL, 0)
+    assert results[3] == results[5] == results[0]
+    assert results[4] == results[1]
+    assert server.hits(a) == server.hits(b) == 1
+    started = [url for url, state in events if state == "started"]
+    assert started == [b, a, "ftp://example.com/x.png"]
+    assert listing(dest) == sorted([first, second])
 
 
 def test_file_without_record_is_taken_as_it_is(server: ImageServer, dest: Path) -> None:

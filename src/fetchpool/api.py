@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from concurrent.futures import Future
@@ -78,6 +79,13 @@ def _submit_all(
     (strings with no file name) are submitted in runs, at once (``Downloader._submit_plain``);
     the order of submission is the input order all the same.
     """
+    given = list(map(_URL_OF, items))
+    if set(map(type, given)) == {str} and set(map(_FILENAME_OF, items)) == {None}:
+        # The common input, plain URL strings alone: the same submissions, made without a
+        # Python step per URL on this thread (which holds the GIL from the downloads).
+        unique: list[str] = list(dict.fromkeys(given))
+        shared = dict(zip(unique, dl._submit_plain(unique), strict=True))
+        return list(map(shared.__getitem__, given))
     by_url: dict[str, tuple[int, _Wanted]] = {}
     futures: list[Future[DownloadResult] | None] = []
     plain: list[str] = []  # plain URLs not submitted yet
@@ -121,6 +129,9 @@ def _submit_all(
         futures[place] = futures[first_place]
     return cast("list[Future[DownloadResult]]", futures)
 
+
+_URL_OF = operator.itemgetter(0)
+_FILENAME_OF = operator.itemgetter(1)
 
 #: What an input item asks for beyond its URL: the file name, and the expectations.
 _Wanted = tuple[str | None, Expected | None]
