@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.contestants import ALL_CONTESTANTS
+from benchmarks.contestants import ALL_CONTESTANTS, DEFAULT_CONTESTANTS
 from benchmarks.harness import ScenarioResult, run_download_scenario, run_peak_rss
 from benchmarks.report import chart, machine, markdown
 from benchmarks.scenarios import NAMES, scenarios
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown contestants: {', '.join(unknown)}")
         args.contestants = wanted
     else:
-        args.contestants = list(ALL_CONTESTANTS)
+        args.contestants = list(DEFAULT_CONTESTANTS)
     return args
 
 

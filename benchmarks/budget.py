@@ -10,12 +10,16 @@ rounds:
   (a byte lock on a lock file), a look at the final name, an unnamed temporary file
   written, its origin xattr set, linked at the final name, the image signature checked, a
   ``DownloadResult`` and a completed ``Future``. No validation, claims, retries, limits or
-  errors: less than fetchpool may do, so a floor;
+  errors: less than fetchpool may do, so a floor (``python -m benchmarks --contestants
+  pycurl-floor,...`` runs it in the CPU-bound scenario too);
+- ``helpers``: the same loop calling fetchpool's own helpers for those duties and for its
+  checks (URL validation, naming and claims, the lock, the head's parsing, the store, the
+  result): what fetchpool's pipeline, transport objects and loop cost beyond them;
 - ``fetchpool-curl``: ``download_all(urls, dest, workers=16, backend="curl")``.
 
 Reported: the median seconds and CPU µs per file of each, and fetchpool's ratios to both.
-What the floor costs over the bare loop is what the duties cost; what fetchpool costs over
-the floor is its own Python (and the checks the floor leaves out).
+What the floor costs over the bare loop is what the duties cost; what the helpers cost over
+the floor, fetchpool's checks; what fetchpool costs over the helpers, its layers.
 
     python -m benchmarks.budget [--repeat 5] [--files 2000]
 """
@@ -37,7 +41,12 @@ from pathlib import Path
 import pycurl
 
 from fetchpool import DownloadResult, download_all
-from fetchpool.sniff import sniff_image
+from fetchpool.backends.curl import _parse_head
+from fetchpool.claims import Claims
+from fetchpool.naming import name_from_url, origin_url, redact_url, validate_url
+from fetchpool.sniff import SNIFF_BYTES, sniff_image
+from fetchpool.storage import PathLock, inspect_target, lock_key, store_whole
+from fetchpool.transfer import content_length, request_headers
 
 from .harness import ServerProcess
 
@@ -54,10 +63,11 @@ def _drive(
     urls: list[str],
     start: Callable[[pycurl.Curl, int, str], None],
     done: Callable[[pycurl.Curl], None],
+    workers: int = _WORKERS,
 ) -> None:
-    """Run every URL through one CurlMulti, ``_WORKERS`` at once."""
+    """Run every URL through one CurlMulti, ``workers`` at once."""
     multi = pycurl.CurlMulti()
-    free = [pycurl.Curl() for _ in range(_WORKERS)]
+    free = [pycurl.Curl() for _ in range(workers)]
     queue = list(enumerate(urls))
     queue.reverse()
     active = 0
@@ -110,8 +120,9 @@ def bare(urls: list[str], dest: Path) -> None:
     _drive(urls, start, done)
 
 
-def floor(urls: list[str], dest: Path) -> None:
-    """The bare loop with fetchpool's duties for each file, written flat."""
+def floor(urls: list[str], dest: Path, workers: int = _WORKERS) -> None:
+    """The bare loop with fetchpool's duties for each file, written flat (also the
+    ``pycurl-floor`` contestant of ``python -m benchmarks``)."""
     lock_fd = os.open(dest / ".locks", os.O_RDWR | os.O_CREAT, 0o666)
     directory = str(dest)
     futures: list[Future[DownloadResult]] = []
@@ -157,8 +168,56 @@ def floor(urls: list[str], dest: Path) -> None:
             )
         )
 
-    _drive(urls, start, done)
+    _drive(urls, start, done, workers)
     os.close(lock_fd)
+    if not all(f.result().ok for f in futures):
+        raise SystemExit("a result failed")
+
+
+def helpers(urls: list[str], dest: Path) -> None:
+    """The bare loop calling fetchpool's own per-file helpers, flatly: the floor's duties
+    done by the code fetchpool runs for them (URL checks, naming and claims, the lock, the
+    head's parsing, the express lane's checks, the store, the result), without its
+    pipeline, its transport's objects and its loop."""
+    claims = Claims(remember=False)
+    futures: list[Future[DownloadResult]] = []
+    headers = [f"{name}: {value}" for name, value in request_headers({}, False).items()]
+
+    def start(easy: pycurl.Curl, index: int, url: str) -> None:
+        valid = validate_url(url)
+        origin = origin_url(valid)
+        shown = redact_url(valid)
+        path = claims.url_name(dest, name_from_url(valid), valid, origin, look=False)
+        lock = PathLock(dest, lock_key(path), None, shown)
+        if not lock.acquire(blocking=False) or inspect_target(path).kind != "none":
+            raise SystemExit(f"busy or taken: {path}")
+        lines: list[bytes] = []
+        chunks: list[bytes] = []
+        easy.setopt(pycurl.URL, url)
+        easy.setopt(pycurl.HTTPHEADER, headers)
+        easy.setopt(pycurl.HEADERFUNCTION, lines.append)
+        easy.setopt(pycurl.WRITEFUNCTION, chunks.append)
+        future: Future[DownloadResult] = Future()
+        futures.append(future)
+        easy.job = (valid, origin, shown, path, lock, lines, chunks, future, time.monotonic())
+
+    def done(easy: pycurl.Curl) -> None:
+        valid, origin, shown, path, lock, lines, chunks, future, began = easy.job
+        status, _, head = _parse_head(lines[: lines.index(b"\r\n")])
+        length = content_length(head, shown)
+        body = b"".join(chunks)
+        if status != 200 or length != len(body) or sniff_image(body[:SNIFF_BYTES]) is None:
+            raise SystemExit(f"not a plain image: {valid}")
+        recorded = store_whole(dest, lock.key, shown, body, path, origin)
+        lock.release()
+        claims.release(path, origin, keep=not recorded)
+        future.set_result(
+            DownloadResult._downloaded(
+                valid, path, len(body), 1, time.monotonic() - began, head.get("Content-Type")
+            )
+        )
+
+    _drive(urls, start, done)
     if not all(f.result().ok for f in futures):
         raise SystemExit("a result failed")
 
@@ -182,7 +241,7 @@ def main() -> int:
             {"name": "img", "count": n, "distinct": n, "size": 16384, "kind": None, "seed": 0}
         ],
     }
-    runs = {"bare": bare, "floor": floor, "fetchpool-curl": fetchpool_curl}
+    runs = {"bare": bare, "floor": floor, "helpers": helpers, "fetchpool-curl": fetchpool_curl}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -205,7 +264,7 @@ def main() -> int:
             f"{name:15} {statistics.median(seconds[name]):.3f} s, "
             f"{1e6 * statistics.median(cpu[name]) / n:.0f} µs CPU a file"
         )
-    for other in ("bare", "floor"):
+    for other in ("bare", "floor", "helpers"):
         ratios = [a / b for a, b in zip(seconds["fetchpool-curl"], seconds[other], strict=True)]
         print(
             f"fetchpool-curl / {other}: {statistics.median(ratios):.2f} "

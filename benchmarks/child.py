@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
 
     if name == "parfive":
         import parfive  # noqa: F401  (aiohttp's import time is not download time)
+    if name == "pycurl-floor":
+        import benchmarks.budget  # noqa: F401  (pycurl's and fetchpool's helpers)
 
     fetchpool_name = name.removesuffix(MAP_SUFFIX)
     if fetchpool_name in FETCHPOOL_CONTESTANTS:

@@ -33,7 +33,14 @@ PYTHON_CONTESTANTS: Final = (
 )
 #: Command-line tools, run directly.
 EXTERNAL_CONTESTANTS: Final = ("wget2", "curl", "aria2c")
-ALL_CONTESTANTS: Final = PYTHON_CONTESTANTS + EXTERNAL_CONTESTANTS
+#: References, not downloaders: run only when named (``--contestants``), in the
+#: CPU-bound scenario (``pycurl-floor``: see :func:`benchmarks.budget.floor`).
+REFERENCE_CONTESTANTS: Final = ("pycurl-floor",)
+#: The scenarios each reference runs in.
+REFERENCE_SCENARIOS: Final = {"pycurl-floor": ("cpu-bound",)}
+#: What runs when no contestants are named.
+DEFAULT_CONTESTANTS: Final = PYTHON_CONTESTANTS + EXTERNAL_CONTESTANTS
+ALL_CONTESTANTS: Final = DEFAULT_CONTESTANTS + REFERENCE_CONTESTANTS
 #: fetchpool itself, one contestant per transfer backend, and the options each passes
 #: (``fetchpool`` passes none: the default backend, requests).
 FETCHPOOL_CONTESTANTS: Final[dict[str, dict[str, str]]] = {
@@ -56,6 +63,9 @@ DESCRIPTIONS: Final = {
     "wget2": "wget2 --max-threads=N -i urls.txt",
     "curl": "curl --parallel --parallel-immediate --parallel-max N -K config",
     "aria2c": "aria2c -j N -x 1 -s 1 --file-allocation=none -i urls.txt",
+    "pycurl-floor": "a reference: one pycurl CurlMulti loop in one thread doing, flatly, the "
+    "duties fetchpool has for each file (lock, look, unnamed file, origin xattr, link, "
+    "image check, result, future), and no checks (benchmarks/budget.py)",
 }
 
 _CHUNK: Final = 256 * 1024
@@ -77,6 +87,8 @@ def unavailable(name: str) -> str | None:
         return _backend_unavailable(name)
     if name in EXTERNAL_CONTESTANTS:
         return None if shutil.which(name) else f"{name} not installed"
+    if name == "pycurl-floor" and not importlib.util.find_spec("pycurl"):
+        return "pycurl not installed"
     return None
 
 
@@ -217,6 +229,14 @@ def write_floor(sizes: list[int], dest: Path, workers: int, buffer: memoryview) 
     return 0
 
 
+def run_pycurl_floor(urls: list[str], dest: Path, workers: int) -> int:
+    """The floor of :mod:`benchmarks.budget`; raises where a file fails."""
+    from benchmarks.budget import floor
+
+    floor(urls, dest, workers)
+    return 0
+
+
 RUNNERS: Final[dict[str, Callable[[list[str], Path, int], int]]] = {
     "fetchpool": run_fetchpool,
     "fetchpool-curl": run_fetchpool_curl,
@@ -224,6 +244,7 @@ RUNNERS: Final[dict[str, Callable[[list[str], Path, int], int]]] = {
     "sequential": run_sequential,
     "tutorial-threads": run_tutorial_threads,
     "parfive": run_parfive,
+    "pycurl-floor": run_pycurl_floor,
 }
 
 

@@ -24,6 +24,7 @@ from benchmarks.contestants import (
     EXTERNAL_CONTESTANTS,
     FETCHPOOL_CONTESTANTS,
     MAP_SUFFIX,
+    REFERENCE_SCENARIOS,
     basename,
     external_command,
     unavailable,
@@ -357,6 +358,8 @@ def _available(
     chosen = []
     for name in contestants:
         reason = scenario.skip.get(name) or unavailable(name)
+        if name in REFERENCE_SCENARIOS and scenario.name not in REFERENCE_SCENARIOS[name]:
+            reason = f"a reference for {', '.join(REFERENCE_SCENARIOS[name])} only"
         if reason:
             result.skipped[name] = reason
             print(f"  skipped: {name}: {reason}", file=log)

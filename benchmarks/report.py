@@ -23,6 +23,11 @@ RATIOS: Final = (
     ("fetchpool-curl", "fetchpool"),
     ("fetchpool-curl", "curl"),
     ("fetchpool-curl", "wget2"),
+    # Where asked for: the curl backend against the flat loop doing its duties, and
+    # that floor against the requests backend and curl (what no pipeline could beat).
+    ("fetchpool-curl", "pycurl-floor"),
+    ("pycurl-floor", "fetchpool"),
+    ("pycurl-floor", "curl"),
 )
 #: Scenarios of many small files, bound by the CPU spent per file: the report gives it.
 CPU_PER_FILE: Final = ("cpu-bound",)

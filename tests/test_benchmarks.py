@@ -7,6 +7,7 @@ shape, and that fetchpool's files verify against the server's sha256.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -137,7 +138,9 @@ def test_curl_backend_is_a_contestant(monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks.__main__ import parse_args
 
     assert contestants.PYTHON_CONTESTANTS[:2] == ("fetchpool", "fetchpool-curl")
-    assert set(contestants.RUNNERS) == set(contestants.PYTHON_CONTESTANTS)
+    assert set(contestants.RUNNERS) == set(
+        contestants.PYTHON_CONTESTANTS + contestants.REFERENCE_CONTESTANTS
+    )
     assert set(contestants.DESCRIPTIONS) == set(contestants.ALL_CONTESTANTS)
     assert "backend='requests'" in contestants.DESCRIPTIONS["fetchpool"]
     assert "backend='curl'" in contestants.DESCRIPTIONS["fetchpool-curl"]
@@ -157,6 +160,27 @@ def test_curl_backend_is_a_contestant(monkeypatch: pytest.MonkeyPatch) -> None:
     assert harness.peak_rss_contestants(["hand-pool"]) == ["fetchpool"]
     assert "fetchpool-curl" in parse_args([]).contestants
     assert parse_args(["--contestants", "fetchpool-curl"]).contestants == ["fetchpool-curl"]
+
+
+def test_the_floor_runs_only_when_named_and_only_cpu_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import harness
+    from benchmarks.__main__ import parse_args
+    from benchmarks.scenarios import scenarios
+
+    assert "pycurl-floor" not in parse_args([]).contestants
+    assert parse_args(["--contestants", "pycurl-floor"]).contestants == ["pycurl-floor"]
+    table = scenarios(quick=True)
+    for name, scenario in table.items():
+        result = harness.ScenarioResult(name, scenario.title, 1, 1, 0.0, "", "")
+        chosen = harness._available(["pycurl-floor"], scenario, result, io.StringIO())
+        if name == "cpu-bound":
+            assert chosen == ["pycurl-floor"]
+        else:
+            assert chosen == []
+            assert result.skipped["pycurl-floor"] == "a reference for cpu-bound only"
 
 
 def test_curl_backend_unavailable_without_pycurl(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,3 +410,25 @@ def test_versus_compares_two_revisions() -> None:
     assert lines[0].startswith("HEAD: median ")
     assert lines[1].startswith(".: median ")
     assert lines[2].startswith(". / HEAD: median of the per-round ratios ")
+
+
+def test_budget_and_the_floor_contestant_run() -> None:
+    _pycurl_or_skip()
+    proc = _run_module("benchmarks.budget", "--repeat", "1", "--files", "40", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    runs = [line.split()[0] for line in proc.stdout.splitlines() if " µs CPU a file" in line]
+    assert runs == ["bare", "floor", "helpers", "fetchpool-curl"]
+    for other in ("bare", "floor", "helpers"):
+        assert f"fetchpool-curl / {other}: " in proc.stdout
+
+
+def test_the_floor_contestant_verifies_its_files(tmp_path: Path) -> None:
+    _pycurl_or_skip()
+    out = tmp_path / "results"
+    proc = _quick_run("pycurl-floor,fetchpool-curl", out)
+    assert proc.returncode == 0, proc.stderr
+    scenario = json.loads((out / "results.json").read_text())["scenarios"]["cpu-bound"]
+    floor = [run for run in scenario["runs"] if run["contestant"] == "pycurl-floor"]
+    assert len(floor) == 1
+    assert floor[0]["files_ok"] == floor[0]["n"] > 0
+    assert "fetchpool-curl / pycurl-floor = " in (out / "results.md").read_text()
