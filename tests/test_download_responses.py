@@ -351,6 +351,10 @@ def test_input_errors_raise_at_once(dest: Path) -> None:
         download_all([], dest, unknown_option=1)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         download_all([], dest, fsync="yes")  # type: ignore[arg-type]
+    # A file name of the wrong type says so, hashable or not.
+    for wrong in (42, ["a.png"]):
+        with pytest.raises(TypeError, match=r"expected str, bytes or os\.PathLike"):
+            download_all({f"{B}/y.png": wrong}, dest)  # type: ignore[dict-item]
     with pytest.raises(ValueError):
         download_all([], dest, timeout=-1)
     # Beyond what the platform's timers hold: a clear error now, not OverflowError per URL.

@@ -328,8 +328,7 @@ def test_a_creation_is_slow_where_it_waits_not_where_the_kernel_works(
     directory = tmp_path / "judged"
     directory.mkdir()
     clock = {"wall": 0.0, "cpu": 0.0}
-    monkeypatch.setattr(storage.time, "perf_counter", lambda: clock["wall"])
-    monkeypatch.setattr(storage.time, "thread_time", lambda: clock["cpu"])
+    monkeypatch.setattr(storage, "_clocks", lambda: (clock["wall"], clock["cpu"]))
     for _ in range(8):  # a millisecond of the kernel's work each
         began = (clock["wall"], clock["cpu"])
         clock["wall"] += 1e-3
@@ -345,17 +344,33 @@ def test_a_creation_is_slow_where_it_waits_not_where_the_kernel_works(
 
 def test_one_creation_in_eight_is_timed_and_a_directorys_first(tmp_path: Path) -> None:
     storage = fetchpool.storage
-    assert storage._creation_clocks(tmp_path / "never-seen") is not None
-    storage._note_creation(tmp_path, 0.0)
-    timed = sum(storage._creation_clocks(tmp_path) is not None for _ in range(64))
-    assert timed == 64 // storage._TIMED_EVERY
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert storage._creation_clocks(first) is not None  # never seen
+    storage._note_creation(first, 0.0)
+    storage._note_creation(second, 0.0)
+    timed = {first: 0, second: 0}
+    for _ in range(64):  # alternating: each directory counts its own
+        for directory in (first, second):
+            began = storage._creation_clocks(directory)
+            if began is not None:
+                timed[directory] += 1
+                storage._note_creation(directory, storage._waited(began))
+    assert timed == {first: 64 // storage._TIMED_EVERY, second: 64 // storage._TIMED_EVERY}
+
+
+def test_a_slow_directory_is_tried_on_the_drivers_thread_now_and_then(tmp_path: Path) -> None:
+    storage = fetchpool.storage
+    storage._note_creation(tmp_path, 1e-3)
+    said = [storage.slow_to_create(tmp_path) for _ in range(2 * storage._PROBE_EVERY)]
+    assert said.count(False) == 2
+    assert not said[storage._PROBE_EVERY - 1]
 
 
 def test_a_temp_file_notes_how_long_its_creation_took(tmp_path: Path) -> None:
     fetchpool.storage._CREATION_COST.pop(str(tmp_path), None)
     tmp = fetchpool.storage.TempFile(tmp_path, fetchpool.storage.lock_key(tmp_path / "x.png"))
     try:
-        assert 0 <= fetchpool.storage._CREATION_COST[str(tmp_path)] < 5
+        assert 0 <= fetchpool.storage._CREATION_COST[str(tmp_path)].waited < 5
     finally:
         tmp.discard()
 

@@ -80,7 +80,7 @@ def _submit_all(
     the order of submission is the input order all the same.
     """
     given = list(map(_URL_OF, items))
-    if set(map(type, given)) == {str} and set(map(_FILENAME_OF, items)) == {None}:
+    if set(map(type, given)) == {str} and set(map(type, map(_FILENAME_OF, items))) == {_NONE}:
         # The common input, plain URL strings alone: the same submissions, made without a
         # Python step per URL on this thread (which holds the GIL from the downloads).
         unique: list[str] = list(dict.fromkeys(given))
@@ -132,6 +132,7 @@ def _submit_all(
 
 _URL_OF = operator.itemgetter(0)
 _FILENAME_OF = operator.itemgetter(1)
+_NONE = type(None)  # types, not values: a filename need not be hashable
 
 #: What an input item asks for beyond its URL: the file name, and the expectations.
 _Wanted = tuple[str | None, Expected | None]

@@ -30,7 +30,6 @@ import errno
 import fcntl
 import hashlib
 import importlib
-import itertools
 import logging
 import os
 import random
@@ -589,40 +588,67 @@ def read_origin(path: Path | str) -> str | None:
     return value.decode("utf-8", "replace")
 
 
-#: Directory -> how long creating a file there kept the thread waiting of late (seconds,
-#: smoothed): its time off the CPU, not the kernel's work for it.
-_CREATION_COST: dict[str, float] = {}
+class _Creations:
+    """What creating a file in one directory kept its thread waiting, of late."""
+
+    __slots__ = ("asked", "untimed", "waited")
+
+    def __init__(self, waited: float) -> None:
+        self.waited = waited  # seconds off the CPU, smoothed: not the kernel's work
+        self.untimed = 0  # creations since the last one timed
+        self.asked = 0  # times it was judged slow
+
+
+#: Directory -> what creating a file there cost of late.
+_CREATION_COST: dict[str, _Creations] = {}
 _CREATION_COST_MAX = 1024
 #: Creating a file waits this long or more: it is worth a thread of its own.
 SLOW_CREATION = 150e-6
 _CREATION_SAMPLE_MAX = 2e-3
-#: One creation in this many is timed (and a directory's first): the estimate is smoothed
-#: anyway, and a thread's CPU clock costs a system call.
+#: One creation in this many is timed in a directory (and its first): the estimate is
+#: smoothed anyway, and a thread's CPU clock costs a system call.
 _TIMED_EVERY = 8
-_CREATIONS = itertools.count()
+#: Judged slow, a directory is said not to be one time in this many: a creation on the
+#: driver's own thread is timed then, where the helper's (which waits for the GIL back
+#: after its system call) could keep the directory judged slow for good.
+_PROBE_EVERY = 16
+_thread_time: Callable[[], float] = getattr(time, "thread_time", lambda: 0.0)
+
+
+def _clocks() -> tuple[float, float]:
+    """The wall clock, and this thread's CPU clock (0 where there is none)."""
+    return time.perf_counter(), _thread_time()
 
 
 def _creation_clocks(directory: Path) -> tuple[float, float] | None:
-    """The wall and thread CPU clocks before a creation in ``directory`` that is timed."""
-    if next(_CREATIONS) % _TIMED_EVERY and str(directory) in _CREATION_COST:
+    """:func:`_clocks` before a creation in ``directory`` that is timed, else ``None``."""
+    seen = _CREATION_COST.get(str(directory))
+    if seen is not None and seen.untimed < _TIMED_EVERY - 1:
+        seen.untimed += 1
         return None
-    return time.perf_counter(), time.thread_time()
+    return _clocks()
 
 
 def _waited(began: tuple[float, float]) -> float:
-    """Seconds since ``began`` (:func:`_creation_clocks`) this thread spent off the CPU."""
-    return max(0.0, (time.perf_counter() - began[0]) - (time.thread_time() - began[1]))
+    """Seconds since ``began`` (:func:`_clocks`) this thread spent off the CPU."""
+    wall, cpu = _clocks()
+    return max(0.0, (wall - began[0]) - (cpu - began[1]))
 
 
 def _note_creation(directory: Path, seconds: float) -> None:
+    """Count a creation in ``directory`` that waited ``seconds``."""
     where = str(directory)
-    cost = _CREATION_COST.get(where)
-    if cost is None and len(_CREATION_COST) >= _CREATION_COST_MAX:
-        _CREATION_COST.clear()
     # Smoothed over the last eight or so, each capped: a stall (the disk, a GIL wait)
     # counts as a slow creation, not as a hundred.
     seconds = min(seconds, _CREATION_SAMPLE_MAX)
-    _CREATION_COST[where] = seconds if cost is None else cost + (seconds - cost) / 8
+    seen = _CREATION_COST.get(where)
+    if seen is None:
+        if len(_CREATION_COST) >= _CREATION_COST_MAX:
+            _CREATION_COST.clear()
+        _CREATION_COST[where] = _Creations(seconds)
+        return
+    seen.waited += (seconds - seen.waited) / 8
+    seen.untimed = 0
 
 
 def slow_to_create(directory: Path) -> bool:
@@ -637,7 +663,14 @@ def slow_to_create(directory: Path) -> bool:
     hand-offs cost more than they overlap (measured: 4.2-4.7 s against 3.5-4.3 s for 5,000
     images written to ext4 by the curl backend).
     """
-    return _CREATION_COST.get(str(directory), 0.0) >= SLOW_CREATION
+    seen = _CREATION_COST.get(str(directory))
+    waited = 0.0 if seen is None else seen.waited
+    if waited < SLOW_CREATION:
+        return False
+    if seen is None:
+        return True
+    seen.asked += 1
+    return seen.asked % _PROBE_EVERY != 0
 
 
 class TempFile:
