@@ -664,11 +664,10 @@ def slow_to_create(directory: Path) -> bool:
     images written to ext4 by the curl backend).
     """
     seen = _CREATION_COST.get(str(directory))
-    waited = 0.0 if seen is None else seen.waited
-    if waited < SLOW_CREATION:
-        return False
     if seen is None:
-        return True
+        return SLOW_CREATION <= 0.0  # never seen: as if it took no time
+    if seen.waited < SLOW_CREATION:
+        return False
     seen.asked += 1
     return seen.asked % _PROBE_EVERY != 0
 

@@ -1423,8 +1423,11 @@ class CurlTransport:
             self._rouse = True
         self._wake()
 
-    def _finished(self, future: Future[Any]) -> None:
+    def _finished(self, future: Future[Any], slot: _Slot | None = None) -> None:
+        """Count ``future`` done; ``slot``: its handle, given back at the same time."""
         with self._lock:
+            if slot is not None:
+                self._free.append(slot)
             self._unfinished.discard(future)
             if not self._unfinished:
                 self._all_done.notify_all()
@@ -1748,15 +1751,10 @@ class CurlTransport:
             slot = t.slot
             slot.transfer = None
             self._runs.discard(run)
-            # _conclude, and _give_back under the same lock: two files' worth of calls.
+            # _conclude, with the slot given back under the same lock.
             future = run.future
             _complete(future, result, None)
-            with self._lock:
-                self._free.append(slot)
-                unfinished = self._unfinished
-                unfinished.discard(future)
-                if not unfinished:
-                    self._all_done.notify_all()
+            self._finished(future, slot)
             if time.monotonic() - self._turn_began >= _START_EARLY_AFTER:
                 self._start_early()
 
@@ -2531,6 +2529,10 @@ class CurlTransport:
         slot = self._running.pop(id(easy), None)
         if slot is None:  # pragma: no cover - libcurl reports only handles it was given
             return
+        try:
+            self._multi.remove_handle(easy)
+        except pycurl.error:
+            log.debug("curl loop: removing a finished handle failed", exc_info=True)
         t = slot.transfer
         if t is not None:
             t.take_head()
@@ -2538,10 +2540,6 @@ class CurlTransport:
             if run is not None and not code:
                 # An express transfer that ended well (most of them): what finish() does,
                 # less what it cannot need (no sink, no waiter: the loop alone has it).
-                try:
-                    self._multi.remove_handle(easy)
-                except pycurl.error:
-                    log.debug("curl loop: removing a finished handle failed", exc_info=True)
                 t.done = True
                 self._due.append(run)
                 return
@@ -2558,10 +2556,6 @@ class CurlTransport:
             failure = "connection"
         elif code and t is not None and t.refused is not None and not t.reached:
             failure = "blocked"  # every address was refused: nothing was sent
-        try:
-            self._multi.remove_handle(easy)
-        except pycurl.error:
-            log.debug("curl loop: removing a finished handle failed", exc_info=True)
         if t is not None:
             self._end_direct(t)
             t.finish(code, message, failure)
